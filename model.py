@@ -1,0 +1,245 @@
+"""
+A looped GPT and the readout blind spot (arXiv 2606.24898), in one file.
+
+A looped LM applies ONE weight-shared block of layers K times. After every loop k the hidden
+state h_k is decoded by a readout and the tied LM head, and training uses dense per-loop
+cross-entropy. h_k is also fed back as the input of loop k+1: it is runtime state.
+
+The blind spot: a scale-invariant readout (RMSNorm) gives the same logits for h and c*h, so the
+gradient of the loss is orthogonal to h_k and nothing in the loss controls ||h_k||. Meanwhile
+every pre-norm residual layer adds to h, so the norm grows loop after loop (see `readout`).
+
+The four knobs of the paper (LoopedGPTConfig):
+  readout       "rmsnorm": lm_head(RMSNorm(h)) at every loop, scale-invariant (the blind spot).
+                "scale_visible": lm_head(h), the loss sees the scale (fix 1).
+                "final_only": scale-visible at loops k < K, RMSNorm at the last loop K.
+  norm_penalty  lambda > 0 adds lambda * mean_k mean(h_k^2) to the loss (fix 2).
+  loop_norm     RMSNorm the state between loops: scale-removing recurrence (fix 3).
+  supervision   "per_loop": mean of the K cross-entropies (dense); "terminal": last loop only.
+"""
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+READOUTS = ("rmsnorm", "scale_visible", "final_only")
+SUPERVISIONS = ("per_loop", "terminal")
+
+
+@dataclass
+class LoopedGPTConfig:
+    vocab_size: int = 50304
+    block_size: int = 256
+    n_layer: int = 8           # layers in the block that is looped
+    n_head: int = 8
+    n_embd: int = 512
+    n_loops: int = 4           # K: how many times the block is applied
+    readout: str = "rmsnorm"   # "rmsnorm" | "scale_visible" | "final_only"
+    loop_norm: bool = False    # RMSNorm the state between loops
+    supervision: str = "per_loop"  # "per_loop" | "terminal"
+    norm_penalty: float = 0.0  # lambda of the explicit norm penalty
+    dropout: float = 0.0
+    bias: bool = False
+
+    def __post_init__(self):
+        def bad(field, value, accepted):
+            raise ValueError(f"LoopedGPTConfig.{field}={value!r} is invalid; accepted: {accepted}")
+        if self.readout not in READOUTS:
+            bad("readout", self.readout, " | ".join(READOUTS))
+        if self.supervision not in SUPERVISIONS:
+            bad("supervision", self.supervision, " | ".join(SUPERVISIONS))
+        for f in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
+                bad(f, getattr(self, f), "a positive integer")
+        if not isinstance(self.n_loops, int) or self.n_loops < 1:
+            bad("n_loops", self.n_loops, "an integer >= 1")
+        if not self.norm_penalty >= 0:  # also catches NaN
+            bad("norm_penalty", self.norm_penalty, "a number >= 0")
+        if not 0 <= self.dropout < 1:
+            bad("dropout", self.dropout, "a number in [0, 1)")
+        if self.n_embd % self.n_head:
+            bad("n_embd", self.n_embd, f"a multiple of n_head={self.n_head}")
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cache=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:  # a [k, v] list for this (loop, layer); grown in place
+            if cache:
+                k, v = torch.cat((cache[0], k), dim=2), torch.cat((cache[1], v), dim=2)
+            cache[:] = [k, v]
+        # one new token attends to the whole cache; a full sequence is causal
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.hidden = 4 * cfg.n_embd
+        self.c_fc = nn.Linear(cfg.n_embd, 2 * self.hidden, bias=cfg.bias)  # gate and value
+        self.c_proj = nn.Linear(self.hidden, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        gate, value = self.c_fc(x).split(self.hidden, dim=-1)
+        return self.dropout(self.c_proj(F.silu(gate) * value))
+
+
+class Layer(nn.Module):
+    """Pre-norm: x + f(Norm(x)). The update f(.) does not shrink with ||x||, so the state grows."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1, self.attn = nn.RMSNorm(cfg.n_embd), CausalSelfAttention(cfg)
+        self.ln_2, self.mlp = nn.RMSNorm(cfg.n_embd), SwiGLU(cfg)
+
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class LoopedGPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        if not isinstance(config, LoopedGPTConfig):
+            raise TypeError(f"LoopedGPT takes a LoopedGPTConfig, got {type(config).__name__}")
+        self.config = cfg = config
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.block = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_layer))  # shared by all loops
+        # Only the modules a configuration uses exist: no parameter that nothing trains.
+        self.ln_f = nn.RMSNorm(cfg.n_embd) if cfg.readout != "scale_visible" else None
+        self.loop_rmsnorm = nn.RMSNorm(cfg.n_embd, elementwise_affine=False) if cfg.loop_norm else None
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.wte.weight = self.lm_head.weight  # tied embedding / LM head
+        self.apply(self._init_weights)
+        # GPT-2 scales residual projections by 1/sqrt(2 * depth); the effective depth of a
+        # looped model is n_layer * n_loops residual layers, so that is the depth used.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer * cfg.n_loops))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def get_num_params(self, non_embedding=True):
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wpe.weight.numel() if non_embedding else n
+
+    # ---- the loops -------------------------------------------------------------------------
+
+    def embed(self, idx, pos0=0):
+        T = idx.size(1)
+        if pos0 + T > self.config.block_size:
+            raise ValueError(f"sequence of length {pos0 + T} is longer than block_size="
+                             f"{self.config.block_size}; crop the input to the last block_size tokens")
+        pos = torch.arange(pos0, pos0 + T, device=idx.device)
+        return self.drop(self.wte(idx) + self.wpe(pos))
+
+    def loop(self, h, k, cache=None):
+        """Loop k (1-based): the state h_{k-1} in, h_k out, through the same layers every time."""
+        if k > 1 and self.loop_rmsnorm is not None:
+            h = self.loop_rmsnorm(h)  # fix 3: the next loop starts from unit RMS
+        for i, layer in enumerate(self.block):
+            h = layer(h, None if cache is None else cache[(k, i)])
+        return h
+
+    def loop_states(self, idx, n_loops=None):
+        """[h_1, ..., h_K], each [B, T, C], taken before any between-loop normalization."""
+        h, states = self.embed(idx), []
+        for k in range(1, (n_loops or self.config.n_loops) + 1):
+            h = self.loop(h, k)
+            states.append(h)
+        return states
+
+    def readout(self, h, loop):
+        # THE BLIND SPOT. RMSNorm(c*h) = RMSNorm(h) for any c > 0, so f(c h) = f(h) and
+        # d/dc L(c h) at c=1 is <dL/dh, h> = 0: the loss never pushes on the norm of h_k,
+        # while every pre-norm residual layer keeps adding to it. lm_head(h) sees the scale.
+        if self.config.readout == "rmsnorm" or (self.config.readout == "final_only"
+                                                and loop == self.config.n_loops):
+            h = self.ln_f(h)
+        return self.lm_head(h)
+
+    def forward(self, idx, targets=None, n_loops=None):
+        cfg, K = self.config, n_loops or self.config.n_loops
+        states = self.loop_states(idx, K)
+        stats = {"hidden_norm": torch.stack([h.detach().norm(dim=-1).mean() for h in states])}
+        if targets is None:  # inference: only the last position of the last loop is decoded
+            return self.readout(states[-1][:, [-1], :], K), None, stats
+        ces, logits = [], None
+        for k, h in enumerate(states, start=1):
+            trained = cfg.supervision == "per_loop" or k == K
+            with torch.set_grad_enabled(trained and torch.is_grad_enabled()):
+                logits = self.readout(h, k)
+                ces.append(F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                                           ignore_index=-1))
+        loss = torch.stack(ces).mean() if cfg.supervision == "per_loop" else ces[-1]
+        if cfg.norm_penalty > 0:  # fix 2: make the scale visible to the loss explicitly
+            loss = loss + cfg.norm_penalty * torch.stack([h.pow(2).mean() for h in states]).mean()
+        stats["loop_ce"] = torch.stack(ces).detach()
+        return logits, loss, stats
+
+    # ---- training helpers (as in nanoGPT) ---------------------------------------------------
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]  # matrices and embeddings; not norms, biases
+        nodecay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": nodecay, "weight_decay": 0.0}]
+        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+
+    def flops_per_token(self, n_readouts=None):
+        """Training FLOPs per token (forward + backward): 6 per weight use, attention as in PaLM."""
+        cfg = self.config
+        depth = cfg.n_layer * cfg.n_loops
+        block = sum(p.numel() for p in self.block.parameters())
+        n_readouts = n_readouts or (cfg.n_loops if cfg.supervision == "per_loop" else 1)
+        return 6 * block * cfg.n_loops + 12 * depth * cfg.n_embd * cfg.block_size \
+            + 6 * cfg.vocab_size * cfg.n_embd * n_readouts
+
+    def estimate_mfu(self, tokens_per_iter, dt, peak_flops):
+        """Model FLOPs utilization against `peak_flops` (FLOP/s of the device, e.g. 989e12 for
+        an H100's bf16 dense peak)."""
+        return self.flops_per_token() * tokens_per_iter / dt / peak_flops
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_loops=None):
+        """Sample tokens at a fixed exit depth `n_loops`, cropping the context as nanoGPT does."""
+        for _ in range(max_new_tokens):
+            idx_cond = idx[:, -self.config.block_size:]
+            logits, _, _ = self(idx_cond, n_loops=n_loops)
+            idx = torch.cat((idx, sample_next(logits[:, -1, :], temperature, top_k)), dim=1)
+        return idx
+
+
+def sample_next(logits, temperature=1.0, top_k=None):
+    """One token per row from logits [B, V]; temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float("inf")
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
