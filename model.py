@@ -224,14 +224,80 @@ class LoopedGPT(nn.Module):
         an H100's bf16 dense peak)."""
         return self.flops_per_token() * tokens_per_iter / dt / peak_flops
 
+    # ---- inference: fixed or adaptive exit depth, with a cache per (loop, layer) -------------
+
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_loops=None):
-        """Sample tokens at a fixed exit depth `n_loops`, cropping the context as nanoGPT does."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_loops=None,
+                 exit_policy=None, exit_threshold=None, use_cache=True, return_loops=False):
+        """Sample tokens after `idx` [B, T]. Depth: a fixed `n_loops` (default K), or adaptive per
+        token: the first loop whose readout passes `exit_policy` at `exit_threshold` (at most K).
+        use_cache keeps keys/values per (loop, layer), so a new token costs one position per loop.
+        Cache rule for adaptive exit: a token that exits at loop e gets, at the deeper loops, the
+        keys/values of loop e, so later tokens see its exit state. When the cache reaches
+        block_size it is refilled from the last block_size // 2 tokens (without a cache the
+        context is cropped to block_size every token, as in nanoGPT)."""
+        K, bs = n_loops or self.config.n_loops, self.config.block_size
+        cache, n_cached, loops_used = None, 0, []
         for _ in range(max_new_tokens):
-            idx_cond = idx[:, -self.config.block_size:]
-            logits, _, _ = self(idx_cond, n_loops=n_loops)
-            idx = torch.cat((idx, sample_next(logits[:, -1, :], temperature, top_k)), dim=1)
-        return idx
+            if use_cache and cache is not None and n_cached < bs:
+                x, pos0 = idx[:, -1:], n_cached
+            else:  # (re)fill the cache, or recompute the cropped context without one
+                x, pos0 = idx[:, -(bs // 2 if cache is not None else bs):], 0
+                cache = {(k, i): [] for k in range(1, K + 1) for i in range(self.config.n_layer)} \
+                    if use_cache else None
+            logits, used = self._exit_step(x, pos0, K, cache, exit_policy, exit_threshold)
+            n_cached = pos0 + x.size(1)
+            idx = torch.cat((idx, sample_next(logits, temperature, top_k)), dim=1)
+            loops_used.append(used)
+        return (idx, torch.stack(loops_used, dim=1)) if return_loops else idx
+
+    def _exit_step(self, x, pos0, K, cache, policy, threshold):
+        """Run the loops on x; decode the last position; return its logits [B, V] and exit loop [B]."""
+        B, L = x.size(0), self.config.n_layer
+        h = self.embed(x, pos0)
+        done = torch.zeros(B, dtype=torch.bool, device=x.device)
+        used = torch.full((B,), K, device=x.device)
+        chosen = None
+        for k in range(1, K + 1):
+            h = self.loop(h, k, cache)
+            if cache is not None and done.any():  # rows that exited earlier: copy their exit K/V down
+                for i in range(L):
+                    for kv, prev in zip(cache[(k, i)], cache[(k - 1, i)]):
+                        kv[done, :, -1] = prev[done, :, -1]
+            logits = self.readout(h[:, -1], k)
+            chosen = logits if chosen is None else torch.where(done[:, None], chosen, logits)
+            if policy is None:
+                continue
+            newly = ~done & exits(exit_score(logits, policy), policy, threshold)
+            used, done = torch.where(newly, k, used), done | newly
+            if done.all() and x.size(1) == 1:  # everyone exited: skip the deeper loops
+                for kk in range(k + 1, K + 1):
+                    for i in range(L) if cache is not None else ():
+                        cache[(kk, i)][:] = [torch.cat((c, e[:, :, -1:]), dim=2)
+                                             for c, e in zip(cache[(kk, i)], cache[(k, i)])]
+                break
+        return chosen, used
+
+
+EXIT_POLICIES = ("max_prob", "logit_margin", "entropy")
+
+
+def exit_score(logits, policy):
+    """How sure a readout is, per token: max softmax prob, top-1 minus top-2 logit, or entropy."""
+    if policy == "max_prob":
+        return F.softmax(logits.float(), dim=-1).amax(dim=-1)
+    if policy == "logit_margin":
+        top2 = logits.float().topk(2, dim=-1).values
+        return top2[..., 0] - top2[..., 1]
+    if policy == "entropy":
+        logp = F.log_softmax(logits.float(), dim=-1)
+        return -(logp.exp() * logp).sum(dim=-1)
+    raise ValueError(f"exit_policy={policy!r} is invalid; accepted: {' | '.join(EXIT_POLICIES)}")
+
+
+def exits(score, policy, threshold):
+    """A token exits when it is sure enough: score >= threshold (entropy: score <= threshold)."""
+    return score <= threshold if policy == "entropy" else score >= threshold
 
 
 def sample_next(logits, temperature=1.0, top_k=None):

@@ -1,0 +1,124 @@
+"""prepare.py and train.py end to end on tiny data: tokenizers, the log, resume, DDP, bad flags."""
+
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, TINY, read_log, run
+from prepare import gpt2_encoding, load_tokenizer
+
+
+def test_char_and_gpt2_round_trip(data_dir, text_file):
+    text = text_file.read_text()
+    for name in ("tiny_char", "tiny_gpt2"):
+        meta = json.loads((data_dir / name / "meta.json").read_text())
+        encode, decode = load_tokenizer(meta)
+        sample = text[1000:3000]
+        assert decode(encode(sample)) == sample
+        train = np.fromfile(data_dir / name / "train.bin", dtype=meta["dtype"])
+        val = np.fromfile(data_dir / name / "val.bin", dtype=meta["dtype"])
+        assert len(train) == meta["train_tokens"] and 5 < len(train) / len(val) < 15  # 90/10 split
+        assert train.max() < meta["vocab_size"]
+        assert decode(train[:500].tolist()) == text[:len(decode(train[:500].tolist()))]
+
+
+def test_gpt2_ids_match_tiktoken():
+    assert gpt2_encoding().encode_ordinary("Hello world") == [15496, 995]
+
+
+def test_word_tokenizer_vocab_from_training_split(text_file, tmp_path):
+    from prepare import main
+    out = main([f"--input={text_file}", "--tokenizer=word", "--name=w", f"--data_dir={tmp_path}"])
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["words"][0] == "<unk>" and meta["vocab_size"] == len(meta["words"]) <= 20000
+    encode, decode = load_tokenizer(meta)
+    assert encode("zzqxv ") [0] == 0  # unknown word -> <unk>
+    assert decode(encode("the king, the king")) == "the king, the king"  # whitespace is a token
+
+
+def test_default_text_is_plain_play_text():
+    from prepare import shakespeare_text
+    text = shakespeare_text()
+    assert len(text) > 4_000_000
+    assert "**" not in text and "\n#" not in text and "Hamlet:\n" in text
+
+
+def test_train_writes_log_with_per_loop_values(data_dir, tmp_path):
+    from train import main
+    main(TINY + [f"--data_dir={data_dir}", "--dataset=tiny_char", f"--out_dir={tmp_path}",
+                 "--max_iters=10", "--eval_interval=5"])
+    log = read_log(tmp_path)
+    assert [e["iter"] for e in log] == [0, 5, 10]
+    for e in log:
+        assert len(e["train_loop_ce"]) == len(e["val_loop_ce"]) == len(e["hidden_norm"]) == 3
+        assert {"lr", "tokens_per_sec", "elapsed", "config"} <= e.keys()
+        assert e["config"]["readout"] == "rmsnorm" and e["config"]["n_loops"] == 3
+    assert log[-1]["val_loop_ce"][-1] < log[0]["val_loop_ce"][-1]  # it learns
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ckpt["iter_num"] == 10 and ckpt["meta"]["tokenizer"] == "char"
+
+
+def test_resume_continues_and_matches_uninterrupted_run(data_dir, tmp_path):
+    from train import main
+    common = TINY + [f"--data_dir={data_dir}", "--dataset=tiny_char", "--eval_interval=4", "--dropout=0.1"]
+    main(common + [f"--out_dir={tmp_path / 'full'}", "--max_iters=12"])
+    main(common + [f"--out_dir={tmp_path / 'cut'}", "--max_iters=8"])
+    main(["--init_from=resume", f"--out_dir={tmp_path / 'cut'}", f"--data_dir={data_dir}",
+          "--max_iters=12", "--eval_interval=4", "--eval_iters=2"])
+    full, cut = read_log(tmp_path / "full"), read_log(tmp_path / "cut")
+    assert [e["iter"] for e in cut] == [0, 4, 8, 12]  # no duplicated line at the resume point
+    for a, b in zip(full, cut):
+        np.testing.assert_allclose(a["val_loop_ce"], b["val_loop_ce"], rtol=1e-5)
+        np.testing.assert_allclose(a["hidden_norm"], b["hidden_norm"], rtol=1e-5)
+
+
+def test_ddp_two_processes_gloo(data_dir, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           os.path.join(ROOT, "train.py"), *TINY, "--device=cpu", "--max_iters=5", "--eval_interval=5",
+           f"--data_dir={data_dir}", "--dataset=tiny_char", f"--out_dir={tmp_path}"]
+    import subprocess
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    log = read_log(tmp_path)
+    assert [e["iter"] for e in log] == [0, 5] and log[-1]["config"]["world_size"] == 2
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--readout=layernorm"], "rmsnorm | scale_visible | final_only"),
+    (["--supervision=dense"], "per_loop | terminal"),
+    (["--n_loops=0"], "--n_loops=0"),
+    (["--norm_penalty=-1"], "--norm_penalty=-1"),
+    (["--n_embd=30", "--n_head=4"], "multiple of n_head"),
+    (["--learning_rte=1e-3"], "did you mean --learning_rate"),
+    (["--max_iters=ten"], "--max_iters"),
+    (["config/nope.py"], "does not exist"),
+    (["--init_from=pretrained"], "scratch | resume"),
+])
+def test_bad_flags_are_one_clear_line(args, words, data_dir, tmp_path):
+    p = run("train.py", *args, f"--data_dir={data_dir}", "--dataset=tiny_char", f"--out_dir={tmp_path}")
+    assert p.returncode != 0 and words in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_help_lists_every_option():
+    from train import OPTIONS
+    p = run("train.py", "--help")
+    assert p.returncode == 0
+    for key in OPTIONS:
+        assert f"--{key}" in p.stdout
+
+
+def test_presets_load(tmp_path):
+    from configurator import parse
+    from train import OPTIONS
+    for preset in sorted(os.listdir(os.path.join(ROOT, "config"))):
+        cfg, explicit = parse(OPTIONS, [os.path.join(ROOT, "config", preset)])
+        assert explicit, preset
+    cfg, _ = parse(OPTIONS, [os.path.join(ROOT, "config", "paper_44m.py")])
+    assert (cfg.n_embd, cfg.n_head, cfg.n_layer, cfg.n_loops, cfg.block_size) == (512, 8, 8, 4, 256)
