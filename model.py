@@ -128,6 +128,9 @@ class LoopedGPT(nn.Module):
         self.loop_rmsnorm = nn.RMSNorm(cfg.n_embd, elementwise_affine=False) if cfg.loop_norm else None
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.wte.weight = self.lm_head.weight  # tied embedding / LM head
+        # Dense loss memory: K logits tensors [B, T, V] kept for backward dominate at large vocabs;
+        # the chunked CE below recomputes them instead. Plain autograd is simpler and wins at small V.
+        self.chunked_ce = cfg.vocab_size >= 8192
         self.apply(self._init_weights)
         # GPT-2 scales residual projections by 1/sqrt(2 * depth); the effective depth of a
         # looped model is n_layer * n_loops residual layers, so that is the depth used.
@@ -175,10 +178,12 @@ class LoopedGPT(nn.Module):
         # THE BLIND SPOT. RMSNorm(c*h) = RMSNorm(h) for any c > 0, so f(c h) = f(h) and
         # d/dc L(c h) at c=1 is <dL/dh, h> = 0: the loss never pushes on the norm of h_k,
         # while every pre-norm residual layer keeps adding to it. lm_head(h) sees the scale.
-        if self.config.readout == "rmsnorm" or (self.config.readout == "final_only"
-                                                and loop == self.config.n_loops):
-            h = self.ln_f(h)
-        return self.lm_head(h)
+        return self.lm_head(self.ln_f(h) if self.normalizes(loop) else h)
+
+    def normalizes(self, loop):
+        """Does the readout at this loop RMSNorm the state (hide its scale)?"""
+        cfg = self.config
+        return cfg.readout == "rmsnorm" or (cfg.readout == "final_only" and loop == cfg.n_loops)
 
     def forward(self, idx, targets=None, n_loops=None):
         cfg, K = self.config, n_loops or self.config.n_loops
@@ -190,9 +195,12 @@ class LoopedGPT(nn.Module):
         for k, h in enumerate(states, start=1):
             trained = cfg.supervision == "per_loop" or k == K
             with torch.set_grad_enabled(trained and torch.is_grad_enabled()):
-                logits = self.readout(h, k)
-                ces.append(F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
-                                           ignore_index=-1))
+                if k < K and self.chunked_ce and torch.is_grad_enabled():  # same math, no [B,T,V] kept
+                    x = self.ln_f(h) if self.normalizes(k) else h
+                    ces.append(ChunkedReadoutCE.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten()))
+                    continue
+                logits = self.readout(h, k)  # the last loop's logits are returned, so kept anyway
+                ces.append(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1))
         loss = torch.stack(ces).mean() if cfg.supervision == "per_loop" else ces[-1]
         if cfg.norm_penalty > 0:  # fix 2: make the scale visible to the loss explicitly
             loss = loss + cfg.norm_penalty * torch.stack([h.pow(2).mean() for h in states]).mean()
@@ -277,6 +285,46 @@ class LoopedGPT(nn.Module):
                                              for c, e in zip(cache[(kk, i)], cache[(k, i)])]
                 break
         return chosen, used
+
+
+class ChunkedReadoutCE(torch.autograd.Function):
+    """mean CE(x @ W^T, targets) over rows with target != -1, walking over row chunks so that no
+    [N, V] logits tensor outlives its chunk: backward recomputes each chunk's logits from x and W
+    (one extra readout matmul) and forms the gradient softmax - onehot there."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk_elems=2 ** 23):
+        # matmuls in autocast's dtype when it is on; softmax sums in fp32 (fp64 for fp64 inputs)
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        chunk = max(1, chunk_elems // weight.size(0))
+        valid = targets != -1
+        lse = torch.empty(x.size(0), dtype=acc, device=x.device)
+        total = torch.zeros((), dtype=acc, device=x.device)
+        for s in range(0, x.size(0), chunk):
+            logits = (x[s:s + chunk].to(dt) @ weight.to(dt).t()).to(acc)
+            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, targets[s:s + chunk].clamp(min=0)[:, None])[:, 0]
+            total += ((lse[s:s + chunk] - picked) * valid[s:s + chunk]).sum()
+        n = valid.sum().clamp(min=1)
+        ctx.save_for_backward(x, weight, targets, lse, n)
+        ctx.dt, ctx.chunk = dt, chunk
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, targets, lse, n = ctx.saved_tensors
+        w, chunk = weight.to(ctx.dt), ctx.chunk
+        dx, dw = torch.empty_like(x), torch.zeros_like(weight, dtype=lse.dtype)
+        for s in range(0, x.size(0), chunk):
+            xc, t = x[s:s + chunk].to(ctx.dt), targets[s:s + chunk]
+            g = torch.exp((xc @ w.t()).to(lse.dtype) - lse[s:s + chunk, None])  # softmax
+            g[torch.arange(len(t), device=g.device), t.clamp(min=0)] -= 1  # minus onehot
+            g = (g * ((t != -1)[:, None] * (grad / n))).to(ctx.dt)
+            dx[s:s + chunk] = g @ w
+            dw += g.t() @ xc
+        return dx, dw.to(weight.dtype), None, None
 
 
 EXIT_POLICIES = ("max_prob", "logit_margin", "entropy")

@@ -39,6 +39,8 @@ def main(argv=None):
         die(f"--exit_policy={cfg.exit_policy!r} is not one of: {' | '.join(EXIT_POLICIES)}")
     if cfg.n_loops < 0 or cfg.max_new_tokens < 0 or cfg.num_samples < 1:
         die("--n_loops and --max_new_tokens must be >= 0 and --num_samples >= 1")
+    if not cfg.out_dir:
+        die("--out_dir is empty; give the folder that holds ckpt.pt (e.g. --out_dir=out)")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     ckpt = load_checkpoint(f"{cfg.out_dir}/ckpt.pt", device)
     model = LoopedGPT(LoopedGPTConfig(**ckpt["model_args"]))

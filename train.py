@@ -164,6 +164,19 @@ def eval_seed(i, split):
     return 10**9 + 7919 * i + (split == "val")
 
 
+def fp16_warning(hidden_norm, n_embd, limit=32.0):
+    """The blind spot drives ||h_k|| up; float16 overflows past 65,504, so x^2 (in norms and
+    attention scores) overflows once |x| passes 256. Warn when a loop's per-element RMS passes
+    `limit`, well before that."""
+    k = max(range(len(hidden_norm)), key=lambda i: hidden_norm[i])
+    rms = hidden_norm[k] / math.sqrt(n_embd)
+    if rms > limit:
+        return (f"warning: ||h_{k + 1}|| = {hidden_norm[k]:.4g} (per-element RMS {rms:.0f}) is nearing "
+                f"float16's range (squares overflow past 256). Fixes: --readout=scale_visible, "
+                f"--norm_penalty=0.01, --loop_norm=True, or --dtype=bfloat16")
+    return None
+
+
 def get_lr(it, cfg):
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
@@ -320,11 +333,9 @@ def main(argv=None):
                 bad = next(k for k, c in enumerate(ev["val_loop_ce"], 1) if not math.isfinite(c))
                 die(f"non-finite loss at iter {iter_num} (loop {bad}, ||h_{bad}|| = {ev['hidden_norm'][bad - 1]:.4g}); "
                     f"the last good checkpoint {ckpt_path} was kept")
-            rms_max = max(ev["hidden_norm"]) / math.sqrt(cfg.n_embd)
-            if cfg.dtype == "float16" and rms_max > 32 and not warned_fp16:
-                k = int(np.argmax(ev["hidden_norm"])) + 1
-                tqdm.write(f"warning: ||h_{k}|| has per-element RMS {rms_max:.0f}; float16 squares overflow "
-                           f"past 256. Use --readout=scale_visible, --norm_penalty, --loop_norm or bfloat16")
+            warning = None if warned_fp16 or cfg.dtype != "float16" else fp16_warning(ev["hidden_norm"], cfg.n_embd)
+            if warning:
+                tqdm.write(warning)
                 warned_fp16 = True
             elapsed = elapsed0 + time.time() - t_start
             atomic_save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),

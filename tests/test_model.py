@@ -202,3 +202,54 @@ def test_mfu_scales_with_peak():
     model = tiny()
     a = model.estimate_mfu(1000, 0.5, 1e12)
     assert 0 < a and abs(model.estimate_mfu(1000, 0.5, 2e12) - a / 2) < 1e-15
+
+
+@pytest.mark.parametrize("readout", READOUTS)
+@pytest.mark.parametrize("penalty", [0.0, 0.1])
+def test_chunked_readout_ce_same_loss_and_gradients(readout, penalty):
+    idx, tgt = batch()
+    tgt[0, 3] = -1  # ignored position
+    results = []
+    for chunked in (False, True):
+        model = tiny(readout=readout, norm_penalty=penalty).double()
+        model.chunked_ce = chunked
+        _, loss, stats = model(idx, tgt)
+        loss.backward()
+        results.append((loss, stats["loop_ce"], {n: p.grad for n, p in model.named_parameters()}))
+    (l0, ce0, g0), (l1, ce1, g1) = results
+    assert torch.allclose(l0, l1, atol=1e-12) and torch.allclose(ce0, ce1, atol=1e-12)
+    for name in g0:
+        assert torch.allclose(g0[name], g1[name], atol=1e-12), name
+
+
+def test_chunked_readout_ce_over_many_chunks():
+    from model import ChunkedReadoutCE
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(11, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.randint(11, (50,), generator=g)
+    t[::7] = -1
+    plain = F.cross_entropy(x @ w.t(), t, ignore_index=-1)
+    gx, gw = torch.autograd.grad(plain, (x, w))
+    lean = ChunkedReadoutCE.apply(x, w, t, 11 * 6)  # 6 rows per chunk: 9 chunks, the last ragged
+    lx, lw = torch.autograd.grad(lean, (x, w))
+    assert torch.allclose(plain, lean) and torch.allclose(gx, lx) and torch.allclose(gw, lw)
+
+
+def test_kv_cache_rule_for_early_exit():
+    """A token that exits at loop e gets loop e's keys/values at the deeper loops of the cache."""
+    model = tiny(n_loops=3).double().eval()
+    idx, _ = batch(B=2, T=6)
+    cache = {(k, i): [] for k in (1, 2, 3) for i in range(2)}
+    with torch.no_grad():
+        model._exit_step(idx, 0, 3, cache, None, None)  # prefill at full depth
+        logits, used = model._exit_step(idx[:, -1:], 6, 3, cache, "entropy", 1e9)  # all exit at 1
+    assert used.tolist() == [1, 1]
+    for k in (2, 3):
+        for i in range(2):
+            for kv, exit_kv in zip(cache[(k, i)], cache[(1, i)]):
+                assert kv.shape[2] == 7 and torch.equal(kv[:, :, -1], exit_kv[:, :, -1])
+                assert not torch.equal(kv[:, :, :-1], exit_kv[:, :, :-1])  # the prompt ran all loops
+    with torch.no_grad():
+        full = model.loop_states(idx)  # prefill entries equal a plain forward's at each loop
+    assert torch.allclose(model.readout(full[-1][:, -1], 3), model._exit_step(idx, 0, 3, None, None, None)[0])
