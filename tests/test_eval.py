@@ -112,3 +112,75 @@ def test_kv_cache_matches_recompute_and_adaptive_runs(tiny_runs):
                                 return_loops=True)
     assert out.shape == (2, 25) and loops.shape == (2, 20)
     assert ((1 <= loops) & (loops <= model.config.n_loops)).all()
+
+
+# ---- the paper's diagnostics -----------------------------------------------------------------
+
+def test_decomposition_parts_add_up(tiny_runs, data_dir):
+    from eval import decomposition
+    model, batches = val_batches(tiny_runs["rmsnorm"], data_dir, n=1)
+    model = model.double()
+    with torch.no_grad():
+        states = model.loop_states(batches[0][0])
+        h, h_next = states[0], states[1]
+        d = h_next - h
+        u = h / h.norm(dim=-1, keepdim=True)
+        a_rad = (d * u).sum(-1)
+        tangential = (d - a_rad[..., None] * u).norm(dim=-1)
+    assert torch.allclose(a_rad ** 2 + tangential ** 2, d.norm(dim=-1) ** 2, rtol=1e-10)
+    out = decomposition(model, batches)
+    K = model.config.n_loops
+    assert sorted(out) == list(range(1, K))
+    assert abs(out[1]["radial"]["mean"] - a_rad.mean().item()) < 1e-9
+    assert abs(out[1]["tangential"]["mean"] - tangential.mean().item()) < 1e-9
+    assert all(0 <= out[k]["angle"]["mean"] <= math.pi for k in out)
+
+
+def test_radial_clamp_with_own_norms_is_exact(tiny_runs, data_dir):
+    from eval import clamped_loop_ce
+    model, batches = val_batches(tiny_runs["scale_visible"], data_dir, n=1)
+    x, y = batches[0]
+    with torch.no_grad():
+        own = [h.norm(dim=-1, keepdim=True) for h in model.loop_states(x)]
+        plain = model(x, y)[2]["loop_ce"].tolist()
+    assert clamped_loop_ce(model, x, y, ref_norms=own) == plain
+    clamped = clamped_loop_ce(model, x, y)  # loop-1 reference: the state's growth removed
+    assert clamped[0] == plain[0] and clamped[1:] != plain[1:]
+
+
+def test_scale_sensitivity_flat_only_for_rmsnorm(tiny_runs, data_dir):
+    from eval import scale
+    for readout, flat in (("rmsnorm", True), ("scale_visible", False)):
+        model, batches = val_batches(tiny_runs[readout], data_dir, n=2)
+        ce = scale(model.double(), batches)["ce"]
+        assert (max(ce) - min(ce) < 1e-6) == flat, (readout, ce)
+
+
+def test_norm_spread_quantiles_are_ordered(tiny_runs, data_dir):
+    from eval import spread
+    model, batches = val_batches(tiny_runs["rmsnorm"], data_dir, n=2)
+    out = spread(model, batches)
+    for p50, p90, p99, top in out["per_loop"]:
+        assert 0 < p50 <= p90 <= p99 <= top
+    assert sum(out["hist_counts"]) == 2 * 4 * 32  # every token of the last loop is binned
+
+
+def test_eval_cli_each_diagnostic(tiny_runs, data_dir):
+    out = tiny_runs["scale_visible"]
+    for name in ("decomposition", "clamp", "scale", "spread"):
+        p = run("eval.py", f"--out_dir={out}", f"--data_dir={data_dir}", "--eval_iters=1", f"--run={name}")
+        assert p.returncode == 0, p.stderr
+    ev = json.load(open(os.path.join(out, "eval.json")))
+    assert {"decomposition", "clamp", "scale", "spread"} <= ev.keys()
+
+
+def test_seven_condition_table(data_dir, tmp_path):
+    from conftest import TINY
+    from eval import main
+    preset = tmp_path / "tiny.py"
+    preset.write_text("dataset = 'tiny_char'\n")
+    rows = main([f"--out_dir={tmp_path / 't1'}", f"--data_dir={data_dir}", "--run=table1", "--seeds=2",
+                 f"--preset={preset}", "--train_args=" + " ".join(TINY + ["--max_iters=4", "--eval_interval=4"])])
+    assert len(rows) == 7 and all(r["seeds"] == 2 for r in rows)
+    assert len({r["condition"] for r in rows}) == 7
+    assert all(math.isfinite(r["ppl"]["mean"]) and r["hidden_norm_K"]["std"] >= 0 for r in rows)
