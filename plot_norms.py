@@ -23,13 +23,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 LOG_KEYS = ("iter", "val_loop_ce", "hidden_norm", "config")
 
 
-def condition(config):
-    """'rmsnorm, per-loop, penalty 0.01, loop norm': the run's place in the paper's grid."""
+def condition(config, with_lr=False):
+    """'rmsnorm, per-loop, penalty 0.01, loop norm': the run's place in the paper's grid (and its
+    learning rate, when the runs compared do not share one)."""
     parts = [config["readout"], config["supervision"].replace("_", "-")]
     if config.get("norm_penalty"):
         parts.append(f"penalty {config['norm_penalty']:g}")
     if config.get("loop_norm"):
         parts.append("loop norm")
+    if with_lr:
+        parts.append(f"lr {config['learning_rate']:g}")
     return ", ".join(parts)
 
 
@@ -57,24 +60,29 @@ def load_run(folder):
     return log, ev
 
 
+def mixed_lr(runs):
+    return len({log[-1]["config"]["learning_rate"] for log, _ in runs.values()}) > 1
+
+
 def table(runs, policy):
     rows = []
     for folder, (log, ev) in runs.items():
         last = log[-1]
         ppl_k = ev["per_depth"]["ppl"][:ev["n_loops"]] if ev else [math.exp(c) for c in last["val_loop_ce"]]
         cal = ev["calibrated"][policy]["mean_loops"] if ev else float("nan")
-        rows.append((folder, condition(last["config"]), last["hidden_norm"][-1], ppl_k[-1], ppl_k, cal))
-    print(f"{'run':<24} {'condition':<40} {'||h_K||':>9} {'PPL':>7}  {'mean loops':>10}  PPL at k = 1..K")
+        rows.append((folder, condition(last["config"], mixed_lr(runs)), last["hidden_norm"][-1], ppl_k[-1], ppl_k, cal))
+    print(f"{'run':<24} {'condition':<46} {'||h_K||':>9} {'PPL':>7}  {'mean loops':>10}  PPL at k = 1..K")
     for folder, cond, norm, ppl, ppl_k, cal in rows:
-        print(f"{os.path.basename(folder.rstrip('/')):<24} {cond:<40} {norm:9.4g} {ppl:7.3f}  {cal:10.2f}  "
+        print(f"{os.path.basename(folder.rstrip('/')):<24} {cond:<46} {norm:9.4g} {ppl:7.3f}  {cal:10.2f}  "
               + " ".join(f"{p:.3f}" for p in ppl_k))
     return rows
 
 
 def plot(runs, out, policy):
-    fig, ax = plt.subplots(2, 2, figsize=(12, 9))
+    diag = any(ev and "spread" in ev for _, ev in runs.values())  # eval.py --run=spread/all: more panels
+    fig, ax = plt.subplots(2, 3 if diag else 2, figsize=(18 if diag else 12, 9))
     for folder, (log, ev) in runs.items():
-        label = condition(log[-1]["config"])
+        label = condition(log[-1]["config"], mixed_lr(runs))
         line = ax[0, 0].plot([e["iter"] for e in log], [e["hidden_norm"][-1] for e in log], label=label)[0]
         c = line.get_color()
         norms = log[-1]["hidden_norm"]
@@ -88,11 +96,19 @@ def plot(runs, out, policy):
         else:
             ppl = [math.exp(x) for x in log[-1]["val_loop_ce"]]
             ax[1, 0].plot(range(1, len(ppl) + 1), ppl, "o-", color=c)
+        if diag and ev and "spread" in ev:
+            e, n = ev["spread"]["hist_edges"], ev["spread"]["hist_counts"]
+            ax[0, 2].stairs(n, e, color=c)
+        if diag and ev and "scale" in ev:
+            ax[1, 2].plot(ev["scale"]["alpha"], [math.exp(x) for x in ev["scale"]["ce"]], "o-", color=c)
     ax[0, 0].set(yscale="log", xlabel="iteration", ylabel="||h_K|| (final loop)", title="final hidden norm in training")
     ax[0, 1].set(yscale="log", xlabel="loop k", ylabel="||h_k||", title="hidden norm per loop, end of training")
     ax[1, 0].set(xlabel="exit depth k (big dot: trained K)", ylabel="val PPL", title="perplexity at each exit depth")
     ax[1, 1].set(xlabel="mean loops used", ylabel="val PPL",
                  title=f"adaptive exit ({policy}); star: calibrated halting at 1.01x")
+    if diag:
+        ax[0, 2].set(xscale="log", xlabel="per-token ||h_K||", ylabel="tokens", title="spread of the final norm over tokens")
+        ax[1, 2].set(xscale="log", xlabel="alpha", ylabel="val PPL at loop K", title="readout of alpha * h_K (scale sensitivity)")
     ax[0, 0].legend(fontsize=8)
     for a in ax.flat:
         a.grid(alpha=0.3)

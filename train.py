@@ -263,7 +263,7 @@ def main(argv=None):
     model_args.vocab_size = meta["vocab_size"]
     if ckpt and ckpt["model_args"]["vocab_size"] != meta["vocab_size"]:
         die(f"the checkpoint's vocab_size {ckpt['model_args']['vocab_size']} does not match "
-            f"{data_dir}/meta.json's {meta['vocab_size']}: was the dataset prepared again differently?")
+            f"{Path(cfg.data_dir) / cfg.dataset}/meta.json's {meta['vocab_size']}: was the dataset prepared again differently?")
     model = LoopedGPT(model_args).to(cfg.device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), dev)
     scaler = torch.amp.GradScaler(dev, enabled=cfg.dtype == "float16")
