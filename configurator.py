@@ -29,6 +29,7 @@ def parse(options, argv=None, description=""):
     values, explicit = {k: d for k, (d, _) in options.items()}, set()
     ap = argparse.ArgumentParser(description=description, allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.error = lambda msg: sys.exit(f"{ap.prog}: error: {msg} (options: --help)")  # one line, no usage dump
     ap.add_argument("presets", nargs="*", metavar="PRESET.py", help="preset files, applied in order")
     for name, (default, help_) in options.items():
         kind = _bool if isinstance(default, bool) else type(default)

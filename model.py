@@ -195,7 +195,7 @@ class LoopedGPT(nn.Module):
         for k, h in enumerate(states, start=1):
             trained = cfg.supervision == "per_loop" or k == K
             with torch.set_grad_enabled(trained and torch.is_grad_enabled()):
-                if k < K and self.chunked_ce and torch.is_grad_enabled():  # same math, no [B,T,V] kept
+                if k < K and self.chunked_ce:  # same math, no [B,T,V] logits kept or even allocated
                     x = self.ln_f(h) if self.normalizes(k) else h
                     ces.append(ChunkedReadoutCE.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten()))
                     continue
@@ -272,6 +272,8 @@ class LoopedGPT(nn.Module):
                 for i in range(L):
                     for kv, prev in zip(cache[(k, i)], cache[(k - 1, i)]):
                         kv[done, :, -1] = prev[done, :, -1]
+            if policy is None and k < K:  # fixed depth: only the last loop is decoded
+                continue
             logits = self.readout(h[:, -1], k)
             chosen = logits if chosen is None else torch.where(done[:, None], chosen, logits)
             if policy is None:
@@ -352,8 +354,8 @@ def sample_next(logits, temperature=1.0, top_k=None):
     """One token per row from logits [B, V]; temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if top_k is not None:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits[logits < v[:, [-1]]] = -float("inf")
+    logits = logits.float() / temperature
+    if top_k is not None:  # sample among the top k only: cheaper than masking a 50k vocab
+        v, ix = torch.topk(logits, min(top_k, logits.size(-1)))
+        return ix.gather(-1, torch.multinomial(F.softmax(v, dim=-1), num_samples=1))
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)

@@ -108,7 +108,7 @@ def plot(runs, out, policy):
                  title=f"adaptive exit ({policy}); star: calibrated halting at 1.01x")
     if diag:
         ax[0, 2].set(xscale="log", xlabel="per-token ||h_K||", ylabel="tokens", title="spread of the final norm over tokens")
-        ax[1, 2].set(xscale="log", xlabel="alpha", ylabel="val PPL at loop K", title="readout of alpha * h_K (scale sensitivity)")
+        ax[1, 2].set(xscale="log", yscale="log", xlabel="alpha", ylabel="val PPL at loop K", title="readout of alpha * h_K (scale sensitivity)")
     ax[0, 0].legend(fontsize=8)
     for a in ax.flat:
         a.grid(alpha=0.3)

@@ -79,7 +79,7 @@ def test_resume_continues_and_matches_uninterrupted_run(data_dir, tmp_path):
 
 def test_ddp_two_processes_gloo(data_dir, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "train.py"), *TINY, "--device=cpu", "--max_iters=5", "--eval_interval=5",
            f"--data_dir={data_dir}", "--dataset=tiny_char", f"--out_dir={tmp_path}"]
     import subprocess
