@@ -10,8 +10,9 @@ Training cases (forward + backward + AdamW step, median over timed steps after w
   dense_plain  dense per-loop loss through plain autograd (K logits tensors kept for backward)
   reference    a non-looped model of the same compute: n_layer * K layers, applied once
 Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU each case runs in a fresh
-subprocess and reports its peak RSS (getrusage ru_maxrss) minus its RSS just before the first
-step, i.e. what the steps themselves added (activations, gradients, optimizer state).
+subprocess, resets its peak RSS (VmHWM) just before the first step and reports that peak minus
+the RSS at that moment, i.e. what the steps themselves added (activations, gradients, optimizer
+state), with no other case's memory in the same process.
 MFU: model FLOPs per token (model.flops_per_token) x tokens/s over the peak: on CPU the peak is
 this machine's fp32 matmul throughput, measured in the same run; on CUDA --peak_tflops, or a known
 GPU's bf16 dense peak. Generation: tokens/s of sampling with the KV cache against full
@@ -19,7 +20,6 @@ recompute, from a 128-token prompt to a 256-token context.
 """
 
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -68,9 +68,19 @@ def model_config(cfg, case):
                            supervision="terminal" if case == "terminal" else "per_loop")
 
 
-def rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def rss_bytes(field="VmRSS"):
+    """Current (VmRSS) or peak (VmHWM) resident memory of this process, from /proc."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def reset_peak_rss():
+    """Linux resets VmHWM to the current RSS on writing 5 to clear_refs (no-op where refused)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def run_case(cfg, case, device, dtype):
@@ -85,6 +95,7 @@ def run_case(cfg, case, device, dtype):
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     rss0 = rss_bytes()
+    reset_peak_rss()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -103,7 +114,7 @@ def run_case(cfg, case, device, dtype):
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+        peak = rss_bytes("VmHWM") - rss0
     return {"case": case, "step_s": dt, "tokens_per_sec": B * cfg.block_size / dt, "peak_mem_bytes": peak,
             "flops_per_token": model.flops_per_token(), "params": model.get_num_params()}
 

@@ -116,8 +116,6 @@ class Layer(nn.Module):
 class LoopedGPT(nn.Module):
     def __init__(self, config):
         super().__init__()
-        if not isinstance(config, LoopedGPTConfig):
-            raise TypeError(f"LoopedGPT takes a LoopedGPTConfig, got {type(config).__name__}")
         self.config = cfg = config
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
@@ -213,23 +211,19 @@ class LoopedGPT(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]  # matrices and embeddings; not norms, biases
         nodecay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay},
-                  {"params": nodecay, "weight_decay": 0.0}]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": nodecay, "weight_decay": 0.0}]
         fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 
     def flops_per_token(self, n_readouts=None):
         """Training FLOPs per token (forward + backward): 6 per weight use, attention as in PaLM."""
-        cfg = self.config
-        depth = cfg.n_layer * cfg.n_loops
-        block = sum(p.numel() for p in self.block.parameters())
+        cfg, block = self.config, sum(p.numel() for p in self.block.parameters())
         n_readouts = n_readouts or (cfg.n_loops if cfg.supervision == "per_loop" else 1)
-        return 6 * block * cfg.n_loops + 12 * depth * cfg.n_embd * cfg.block_size \
-            + 6 * cfg.vocab_size * cfg.n_embd * n_readouts
+        return (6 * block * cfg.n_loops + 12 * cfg.n_layer * cfg.n_loops * cfg.n_embd * cfg.block_size
+                + 6 * cfg.vocab_size * cfg.n_embd * n_readouts)
 
     def estimate_mfu(self, tokens_per_iter, dt, peak_flops):
-        """Model FLOPs utilization against `peak_flops` (FLOP/s of the device, e.g. 989e12 for
-        an H100's bf16 dense peak)."""
+        """Model FLOPs utilization against `peak_flops`, the device's peak FLOP/s (e.g. 989e12, H100 bf16)."""
         return self.flops_per_token() * tokens_per_iter / dt / peak_flops
 
     # ---- inference: fixed or adaptive exit depth, with a cache per (loop, layer) -------------

@@ -122,3 +122,20 @@ def test_presets_load(tmp_path):
         assert explicit, preset
     cfg, _ = parse(OPTIONS, [os.path.join(ROOT, "config", "paper_44m.py")])
     assert (cfg.n_embd, cfg.n_head, cfg.n_layer, cfg.n_loops, cfg.block_size) == (512, 8, 8, 4, 256)
+
+
+def test_bench_runs_every_case_and_prints_ratios(tmp_path):
+    out = tmp_path / "bench.json"
+    p = run("bench.py", "--vocab=char", "--block_size=32", "--batch_size=2", "--n_loops=2", "--steps=1",
+            "--warmup=0", "--gen_tokens=8", f"--json={out}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    for words in ("dense / terminal: time x", "dense_plain / terminal", "reference / terminal",
+                  "MFU against measured fp32 matmul peak", "generation, 24->32 tokens: cached"):
+        assert words in p.stdout, p.stdout
+    res = json.loads(out.read_text())
+    assert {r["case"] for r in res["results"]} == {"terminal", "dense", "dense_plain", "reference"}
+    assert all(r["peak_mem_bytes"] > 0 and 0 < r["mfu"] < 1 for r in res["results"])
+    # the reference does the same block compute in one pass: n_layer * K layers, one loop
+    ref = next(r for r in res["results"] if r["case"] == "reference")
+    term = next(r for r in res["results"] if r["case"] == "terminal")
+    assert ref["params"] > term["params"]
