@@ -139,7 +139,7 @@ def bench_generation(cfg, device):
     prompt = torch.randint(model.config.vocab_size, (1, cfg.block_size - cfg.gen_tokens), device=device)
     out = {}
     for use_cache in (True, False):
-        t = _timed(lambda: model.generate(prompt, cfg.gen_tokens, temperature=1.0, top_k=50, use_cache=use_cache))
+        t = _timed(lambda c=use_cache: model.generate(prompt, cfg.gen_tokens, temperature=1.0, top_k=50, use_cache=c))
         out["cached" if use_cache else "recompute"] = cfg.gen_tokens / t
     return out
 

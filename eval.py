@@ -143,7 +143,10 @@ def clamped_loop_ce(model, x, y, ref_norms=None):
     for k in range(1, model.config.n_loops + 1):
         h = model.loop(h, k)
         norm = h.norm(dim=-1, keepdim=True)
-        ref = ref_norms[k - 1] if ref_norms is not None else (norm if k == 1 else ref)
+        if ref_norms is not None:
+            ref = ref_norms[k - 1]
+        elif k == 1:
+            ref = norm  # every later state is brought back to its token's loop-1 norm
         h = h * (ref / norm)
         ces.append(F.cross_entropy(model.readout(h, k).flatten(0, 1).float(), y.flatten()).item())
     return ces
@@ -155,8 +158,8 @@ def clamp(model, batches):
         with torch.no_grad():
             plain.append(model(x, y)[2]["loop_ce"].tolist())
         clamped.append(clamped_loop_ce(model, x, y))
-    mean = lambda rows: [sum(c) / len(rows) for c in zip(*rows)]  # noqa: E731
-    return {"unclamped_ce": mean(plain), "clamped_ce": mean(clamped)}
+    return {"unclamped_ce": [sum(c) / len(plain) for c in zip(*plain)],
+            "clamped_ce": [sum(c) / len(clamped) for c in zip(*clamped)]}
 
 
 @torch.no_grad()
@@ -267,7 +270,10 @@ def main(argv=None):
     batches = [get_batch(data["val"], bsz, run["block_size"], eval_seed(i, "val"), device)
                for i in range(cfg.eval_iters)]
     path = os.path.join(cfg.out_dir, "eval.json")
-    out = json.load(open(path)) if os.path.isfile(path) and cfg.run != "depth" else {}
+    out = {}
+    if os.path.isfile(path) and cfg.run != "depth":  # a diagnostic adds its key to the existing file
+        with open(path) as f:
+            out = json.load(f)
     K = model.config.n_loops
     if cfg.run in ("depth", "all"):
         out.update(evaluate(model, batches, cfg.max_depth, cfg.n_thresholds, cfg.target))

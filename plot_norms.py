@@ -56,8 +56,10 @@ def load_run(folder):
     if not log:
         raise SystemExit(f"error: {folder}: log.jsonl is empty (the run has not evaluated yet)")
     ev_path = os.path.join(folder, "eval.json")
-    ev = json.load(open(ev_path)) if os.path.isfile(ev_path) else None
-    return log, ev
+    if not os.path.isfile(ev_path):
+        return log, None
+    with open(ev_path) as f:
+        return log, json.load(f)
 
 
 def mixed_lr(runs):

@@ -238,7 +238,7 @@ def main(argv=None):
 
     # DDP (torchrun sets RANK): NCCL on GPUs, gloo on CPU
     options = {k: getattr(cfg, k) for k in OPTIONS}  # as given ("auto" stays "auto"), for the log and resume
-    ddp = int(os.environ.get("RANK", -1)) != -1
+    ddp = int(os.environ.get("RANK", "-1")) != -1
     rank, world, local_rank = 0, 1, 0
     if ddp:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -328,7 +328,6 @@ def main(argv=None):
         if master and (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters):
             ev = evaluate()
             tokens_per_sec = tokens_per_iter * (iter_num - iter_last) / max(1e-9, time.time() - t_last)
-            ce_last = ev["val_loop_ce"][-1]
             if not all(map(math.isfinite, ev["train_loop_ce"] + ev["val_loop_ce"] + ev["hidden_norm"])):
                 bad = next(k for k, c in enumerate(ev["val_loop_ce"], 1) if not math.isfinite(c))
                 die(f"non-finite loss at iter {iter_num} (loop {bad}, ||h_{bad}|| = {ev['hidden_norm'][bad - 1]:.4g}); "
