@@ -274,11 +274,10 @@ class LoopedGPT(nn.Module):
                 continue
             newly = ~done & exits(exit_score(logits, policy), policy, threshold)
             used, done = torch.where(newly, k, used), done | newly
-            if done.all() and x.size(1) == 1:  # everyone exited: skip the deeper loops
-                for kk in range(k + 1, K + 1):
-                    for i in range(L) if cache is not None else ():
-                        cache[(kk, i)][:] = [torch.cat((c, e[:, :, -1:]), dim=2)
-                                             for c, e in zip(cache[(kk, i)], cache[(k, i)])]
+            if done.all() and x.size(1) == 1:  # everyone exited: skip the deeper loops, giving
+                for (kk, i), kv in (cache or {}).items():  # their caches the exit loop's entries
+                    if kk > k:
+                        kv[:] = [torch.cat((c, e[:, :, -1:]), dim=2) for c, e in zip(kv, cache[(k, i)])]
                 break
         return chosen, used
 
