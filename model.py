@@ -255,23 +255,20 @@ class LoopedGPT(nn.Module):
 
     def _exit_step(self, x, pos0, K, cache, policy, threshold):
         """Run the loops on x; decode the last position; return its logits [B, V] and exit loop [B]."""
-        B, L = x.size(0), self.config.n_layer
-        h = self.embed(x, pos0)
-        done = torch.zeros(B, dtype=torch.bool, device=x.device)
-        used = torch.full((B,), K, device=x.device)
-        chosen = None
+        h, chosen = self.embed(x, pos0), None
+        done = torch.zeros(x.size(0), dtype=torch.bool, device=x.device)
+        used = torch.full_like(done, K, dtype=torch.long)
         for k in range(1, K + 1):
             h = self.loop(h, k, cache)
             if cache is not None and done.any():  # rows that exited earlier: copy their exit K/V down
-                for i in range(L):
+                for i in range(self.config.n_layer):
                     for kv, prev in zip(cache[(k, i)], cache[(k - 1, i)]):
                         kv[done, :, -1] = prev[done, :, -1]
-            if policy is None and k < K:  # fixed depth: only the last loop is decoded
+            if policy is None:  # fixed depth: only the last loop is decoded
+                chosen = self.readout(h[:, -1], k) if k == K else None
                 continue
             logits = self.readout(h[:, -1], k)
             chosen = logits if chosen is None else torch.where(done[:, None], chosen, logits)
-            if policy is None:
-                continue
             newly = ~done & exits(exit_score(logits, policy), policy, threshold)
             used, done = torch.where(newly, k, used), done | newly
             if done.all() and x.size(1) == 1:  # everyone exited: skip the deeper loops, giving
@@ -290,8 +287,7 @@ class ChunkedReadoutCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, targets, chunk_elems=2 ** 23):
         # matmuls in autocast's dtype when it is on; softmax sums in fp32 (fp64 for fp64 inputs)
-        dev = x.device.type
-        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         chunk = max(1, chunk_elems // weight.size(0))
         valid = targets != -1
