@@ -1,71 +1,175 @@
 """
 Measure training and generation speed and memory of the looped model, all in one run.
 
-  python bench.py                                   # CPU: GPT-2 vocab, K=4, seq 256 (~2 min)
-  python bench.py --preset=44m --peak_tflops=989    # a GPU: the paper's 44M model, bf16 + compile
+  python bench.py                                        # CPU: both vocabularies (~4 min)
+  python bench.py --preset=config/paper_44m.py --vocab=gpt2 --compile=True   # a GPU
 
-Training cases (forward + backward + AdamW step, median over timed steps after warm-up):
+Sizes come from train.py's defaults (n_layer 2, n_head 4, n_embd 128, batch 8) or a --preset
+file, with the bench's own K=4 and sequence 256. For each vocabulary (GPT-2's 50,257 tokens and
+Shakespeare's 69 characters) it times training steps (forward + backward + AdamW, median after
+warm-up) of:
   terminal     the looped model, loss on the last loop only
-  dense        the same with dense per-loop loss (memory-lean chunked readout CE for loops < K)
+  dense        the same with dense per-loop loss (readout_ce auto: chunked at GPT-2's vocab)
   dense_plain  dense per-loop loss through plain autograd (K logits tensors kept for backward)
-  reference    a non-looped model of the same compute: n_layer * K layers, applied once
+  flat         a non-looped LoopedGPT of the same compute: n_layer * K layers, applied once
+  nanogpt      a plain GPT written the way nanoGPT writes it (LayerNorm, GELU MLP, same width,
+               heads, context and batch, depth n_layer * K): the reference for speed
+and prints each case's achieved model FLOP/s relative to nanogpt, and the other ratios below.
+Model FLOPs per token: 6 per weight use plus attention, as in nanoGPT and PaLM. Executed
+FLOPs also count the logits that the chunked CE recomputes in backward.
 Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU each case runs in a fresh
 subprocess, resets its peak RSS (VmHWM) just before the first step and reports that peak minus
-the RSS at that moment, i.e. what the steps themselves added (activations, gradients, optimizer
-state), with no other case's memory in the same process.
-MFU: model FLOPs per token (model.flops_per_token) x tokens/s over the peak: on CPU the peak is
-this machine's fp32 matmul throughput, measured in the same run; on CUDA --peak_tflops, or a known
-GPU's bf16 dense peak. Generation: tokens/s of sampling with the KV cache against full
-recompute, from a 128-token prompt to a 256-token context.
+the RSS at that moment: what the steps themselves added (activations, gradients, optimizer).
+MFU is against this CPU's measured fp32 matmul throughput, or the GPU's bf16 peak.
 """
 
 import json
+import math
+import os
 import statistics
 import subprocess
 import sys
 import time
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-from configurator import parse
+from configurator import DEVICE, at_least, check, error, parse, pick_device, pick_dtype
+from configurator import read_preset
 from model import LoopedGPT, LoopedGPTConfig
+from sample import generate
+from train import OPTIONS as TRAIN_OPTIONS
 
-PRESETS = {  # n_layer, n_head, n_embd, batch_size
-    "cpu": (2, 4, 128, 8),
-    "44m": (8, 8, 512, 64),
-    "129m": (12, 12, 768, 32),
-}
+CASES = ("terminal", "dense", "dense_plain", "flat", "nanogpt")
+VOCABS = {"gpt2": 50257, "char": 69}
 KNOWN_PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L4": 121, "A10": 125, "4090": 165}
 
+
+def subset(names):
+    return check(f"comma-separated, from: {', '.join(names)}",
+                 lambda v: v != "" and set(v.split(",")) <= set(names), ["", "nope"])
+
+
 OPTIONS = {
-    "preset": ("cpu", "model size: cpu | 44m | 129m (the paper's settings)"),
-    "vocab": ("gpt2", "gpt2 (50,257 tokens) | char (69 tokens, Shakespeare)"),
-    "n_loops": (4, "K"),
-    "block_size": (256, "sequence length"),
-    "batch_size": (0, "sequences per step (0 = the preset's)"),
-    "steps": (5, "timed training steps per case"),
-    "warmup": (1, "untimed steps per case first"),
-    "cases": ("terminal,dense,dense_plain,reference", "training cases to run, comma-separated"),
-    "gen_tokens": (128, "tokens generated in the generation benchmark (0 skips it)"),
-    "device": ("auto", "auto | cpu | cuda"),
-    "dtype": ("auto", "auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16"),
-    "compile": (False, "torch.compile the model (CUDA)"),
-    "peak_tflops": (0.0, "the device's peak TFLOP/s for MFU on CUDA (0 = look up the GPU's name)"),
-    "json": ("", "also write the results to this JSON file"),
-    "one_case": ("", "internal: run a single case and print its result as JSON"),
+    "preset": ("", "a train.py preset for the sizes ('' = train.py's defaults)",
+               check("'' or a .py preset file that exists",
+                     lambda v: v == "" or (v.endswith(".py") and os.path.isfile(v)),
+                     ["config/nope.py"])),
+    "vocab": ("gpt2,char", "vocabularies to run", subset(VOCABS)),
+    "n_loops": (4, "K", at_least(1)),
+    "block_size": (256, "sequence length", at_least(2)),
+    "batch_size": (0, "sequences per step (0 = the preset's)", at_least(0)),
+    "steps": (5, "timed training steps per case", at_least(1)),
+    "warmup": (1, "untimed steps per case first", at_least(0)),
+    "cases": (",".join(CASES), "training cases to run", subset(CASES)),
+    "gen_tokens": (128, "tokens generated in the generation benchmark (0 skips it)",
+                   at_least(0)),
+    "device": ("auto", "auto: cuda, then mps, then cpu", DEVICE),
+    "dtype": ("auto", "auto: bfloat16 on GPUs that have it, else float32",
+              check("auto | float32 | bfloat16", lambda v: v in ("auto", "float32", "bfloat16"),
+                    ["float8"])),
+    "compile": (False, "torch.compile the model", None),
+    "peak_tflops": (0.0, "the GPU's peak TFLOP/s for MFU (0 = look up the GPU's name)",
+                    at_least(0.0)),
+    "json": ("", "also write the results to this JSON file",
+             check("'' or a path ending in .json", lambda v: v == "" or v.endswith(".json"),
+                   ["out.txt"])),
+    "one_case": ("", "internal: run one case (case@vocab) and print its result as JSON",
+                 check("'' or case@vocab", lambda v: v == "" or (
+                     v.count("@") == 1 and v.split("@")[0] in CASES
+                     and v.split("@")[1] in VOCABS), ["dense@klingon"])),
 }
 
 
-def model_config(cfg, case):
-    n_layer, n_head, n_embd, _ = PRESETS[cfg.preset]
-    vocab = 50257 if cfg.vocab == "gpt2" else 69
-    if case == "reference":  # same compute, no loop: all n_layer * K layers applied once
+def together(cfg, explicit):
+    if cfg.gen_tokens >= cfg.block_size:
+        return (f"--gen_tokens={cfg.gen_tokens} must be below --block_size={cfg.block_size} "
+                f"(the prompt fills the rest of the context)")
+    return None
+
+
+# ---- a plain GPT, written the way nanoGPT writes it: the speed reference --------------------
+
+class PlainBlock(nn.Module):
+    def __init__(self, n_embd, n_head):
+        super().__init__()
+        self.n_head = n_head
+        self.ln_1 = nn.LayerNorm(n_embd, bias=False)
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=False)
+        self.attn_proj = nn.Linear(n_embd, n_embd, bias=False)
+        self.ln_2 = nn.LayerNorm(n_embd, bias=False)
+        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=False)
+        self.mlp_proj = nn.Linear(4 * n_embd, n_embd, bias=False)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.attn_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
+
+
+class PlainGPT(nn.Module):
+    def __init__(self, vocab_size, block_size, n_layer, n_head, n_embd):
+        super().__init__()
+        self.block_size = block_size
+        self.wte = nn.Embedding(vocab_size, n_embd)
+        self.wpe = nn.Embedding(block_size, n_embd)
+        self.blocks = nn.ModuleList(PlainBlock(n_embd, n_head) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(n_embd, bias=False)
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.wte.weight = self.lm_head.weight
+        for p in self.parameters():
+            if p.dim() >= 2:
+                nn.init.normal_(p, std=0.02)
+
+    def forward(self, idx, targets):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.size(1), device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return logits, loss, {}
+
+    def flops_per_token(self):
+        """nanoGPT's count: 6 per parameter (positions excluded) plus attention, as in PaLM."""
+        n = sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
+        attention = 12 * len(self.blocks) * self.wte.weight.size(1) * self.block_size
+        return 6 * n + attention
+
+
+# ---- one case -------------------------------------------------------------------------------
+
+def sizes(cfg):
+    """n_layer, n_head, n_embd, batch_size from train.py's defaults or the preset."""
+    values = {k: spec[0] for k, spec in TRAIN_OPTIONS.items()}
+    if cfg.preset:
+        values.update(read_preset(cfg.preset, TRAIN_OPTIONS))
+    return values["n_layer"], values["n_head"], values["n_embd"], values["batch_size"]
+
+
+def build(cfg, case, vocab):
+    n_layer, n_head, n_embd, _ = sizes(cfg)
+    V = VOCABS[vocab]
+    if case == "nanogpt":
+        return PlainGPT(V, cfg.block_size, n_layer * cfg.n_loops, n_head, n_embd)
+    n_loops = cfg.n_loops
+    if case == "flat":  # same compute, no loop: all n_layer * K layers applied once
         n_layer, n_loops = n_layer * cfg.n_loops, 1
-    else:
-        n_loops = cfg.n_loops
-    return LoopedGPTConfig(vocab_size=vocab, block_size=cfg.block_size, n_layer=n_layer, n_head=n_head,
-                           n_embd=n_embd, n_loops=n_loops,
-                           supervision="terminal" if case == "terminal" else "per_loop")
+    return LoopedGPT(LoopedGPTConfig(
+        vocab_size=V, block_size=cfg.block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+        n_loops=n_loops, supervision="terminal" if case == "terminal" else "per_loop",
+        readout_ce="plain" if case == "dense_plain" else "auto"))
+
+
+def executed_flops_per_token(model):
+    """Model FLOPs plus the forward readout matmul that the chunked CE repeats in backward."""
+    flops = model.flops_per_token()
+    if isinstance(model, LoopedGPT) and model.chunked_ce and model.config.supervision == "per_loop":
+        flops += 2 * model.config.vocab_size * model.config.n_embd * (model.config.n_loops - 1)
+    return flops
 
 
 def rss_bytes(field="VmRSS"):
@@ -83,27 +187,32 @@ def reset_peak_rss():
         pass
 
 
-def run_case(cfg, case, device, dtype):
+def run_case(cfg, case, vocab, device, dtype):
     torch.manual_seed(0)
-    model = LoopedGPT(model_config(cfg, case)).to(device)
-    model.chunked_ce = case != "dense_plain"  # dense_plain: K logits tensors through plain autograd
-    opt = model.configure_optimizers(0.0, 1e-4, (0.9, 0.95), device)
+    model = build(cfg, case, vocab).to(device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}], lr=1e-4,
+                            fused=device.startswith("cuda"))
     step_model = torch.compile(model) if cfg.compile else model
-    B = cfg.batch_size or PRESETS[cfg.preset][3]
-    x = torch.randint(model.config.vocab_size, (B, cfg.block_size), device=device)
-    y = torch.randint(model.config.vocab_size, (B, cfg.block_size), device=device)
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    B = cfg.batch_size or sizes(cfg)[3]
+    V = VOCABS[vocab]
+    x = torch.randint(V, (B, cfg.block_size), device=device)
+    y = torch.randint(V, (B, cfg.block_size), device=device)
+    kind = device.split(":")[0]
+    autocast = torch.autocast(kind, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    sync = torch.cuda.synchronize if kind == "cuda" else (lambda: None)
+    kwargs = {} if case == "nanogpt" else {"all_exits": False}  # as train.py's step
     rss0 = rss_bytes()
     reset_peak_rss()
-    if device == "cuda":
+    if kind == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
     for i in range(cfg.warmup + cfg.steps):
         sync()
         t0 = time.perf_counter()
         with autocast:
-            _, loss, _ = step_model(x, y)
+            _, loss, _ = step_model(x, y, **kwargs)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -111,12 +220,11 @@ def run_case(cfg, case, device, dtype):
         if i >= cfg.warmup:
             times.append(time.perf_counter() - t0)
     dt = statistics.median(times)
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = rss_bytes("VmHWM") - rss0
-    return {"case": case, "step_s": dt, "tokens_per_sec": B * cfg.block_size / dt, "peak_mem_bytes": peak,
-            "flops_per_token": model.flops_per_token(), "params": model.get_num_params()}
+    peak = torch.cuda.max_memory_allocated() if kind == "cuda" else rss_bytes("VmHWM") - rss0
+    return {"case": case, "vocab": vocab, "step_s": dt,
+            "tokens_per_sec": B * cfg.block_size / dt, "peak_mem_bytes": peak,
+            "flops_per_token": model.flops_per_token(),
+            "executed_flops_per_token": executed_flops_per_token(model)}
 
 
 def cpu_matmul_peak(n=2048, reps=5):
@@ -133,75 +241,120 @@ def _timed(fn):
     return time.perf_counter() - t0
 
 
-def bench_generation(cfg, device):
+def bench_generation(cfg, vocab, device):
     torch.manual_seed(0)
-    model = LoopedGPT(model_config(cfg, "dense")).to(device).eval()
-    prompt = torch.randint(model.config.vocab_size, (1, cfg.block_size - cfg.gen_tokens), device=device)
+    model = build(cfg, "dense", vocab).to(device).eval()
+    V = model.config.vocab_size
+    prompt = torch.randint(V, (1, cfg.block_size - cfg.gen_tokens), device=device)
     out = {}
     for use_cache in (True, False):
-        t = _timed(lambda c=use_cache: model.generate(prompt, cfg.gen_tokens, temperature=1.0, top_k=50, use_cache=c))
-        out["cached" if use_cache else "recompute"] = cfg.gen_tokens / t
+        seconds = _timed(lambda: generate(model, prompt, cfg.gen_tokens, temperature=1.0,
+                                          top_k=50, use_cache=use_cache))
+        out["cached" if use_cache else "recompute"] = cfg.gen_tokens / seconds
     return out
 
 
+# ---- the report -----------------------------------------------------------------------------
+
+def report(results, vocab, peak_flops):
+    """Print one vocabulary's table and ratios; return the ratios."""
+    by = {r["case"]: r for r in results}
+    print(f"\nvocab {vocab} ({VOCABS[vocab]:,} tokens)")
+    print(f"{'case':<12} {'tok/s':>9} {'step ms':>9} {'peak MiB':>9} {'model GFLOP/s':>14} "
+          f"{'MFU':>6} {'vs nanogpt':>11}")
+    for r in results:
+        r["model_flops_per_sec"] = r["flops_per_token"] * r["tokens_per_sec"]
+        r["executed_flops_per_sec"] = r["executed_flops_per_token"] * r["tokens_per_sec"]
+        r["mfu"] = r["model_flops_per_sec"] / peak_flops if peak_flops else None
+    ref = by.get("nanogpt")
+    for r in results:
+        rel = r["model_flops_per_sec"] / ref["model_flops_per_sec"] if ref else float("nan")
+        r["vs_nanogpt"] = rel
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+        print(f"{r['case']:<12} {r['tokens_per_sec']:>9,.0f} {r['step_s'] * 1e3:>9.1f} "
+              f"{r['peak_mem_bytes'] / 2**20:>9.1f} {r['model_flops_per_sec'] / 1e9:>14.2f} "
+              f"{mfu:>6} {rel:>10.2f}x")
+    ratios = {}
+
+    def ratio(name, value, target, above):
+        ratios[name] = value
+        met = value >= target if above else value <= target
+        sign = ">=" if above else "<="
+        print(f"  {name:<58} x{value:.3f}  (target {sign} {target}: "
+              f"{'met' if met else 'NOT met'})")
+
+    t, d, flat = by.get("terminal"), by.get("dense"), by.get("flat")
+    if t and flat:
+        ratio("terminal step time / flat step time", t["step_s"] / flat["step_s"], 1.05, False)
+    if t and d:
+        ratio("dense executed FLOP/s / terminal executed FLOP/s",
+              d["executed_flops_per_sec"] / t["executed_flops_per_sec"], 0.95, True)
+        ratio("dense peak memory / terminal peak memory",
+              d["peak_mem_bytes"] / t["peak_mem_bytes"], 1.2, False)
+    for case in ("terminal", "dense"):
+        if case in by and ref:
+            ratio(f"{case} model FLOP/s / nanogpt model FLOP/s", by[case]["vs_nanogpt"], 1.0,
+                  True)
+    if "dense_plain" in by and t:
+        print(f"  {'dense_plain peak memory / terminal peak memory':<58} "
+              f"x{by['dense_plain']['peak_mem_bytes'] / t['peak_mem_bytes']:.3f}")
+    return ratios
+
+
 def main(argv=None):
-    cfg, _ = parse(OPTIONS, argv, __doc__)
-    if cfg.preset not in PRESETS or cfg.vocab not in ("gpt2", "char"):
-        sys.exit(f"error: --preset must be one of {' | '.join(PRESETS)} and --vocab gpt2 | char")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    dtype = ("bfloat16" if device == "cuda" else "float32") if cfg.dtype == "auto" else cfg.dtype
+    cfg, _ = parse("bench.py", OPTIONS, argv, __doc__, together=together)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(device, cfg.dtype)
+    kind = device.split(":")[0]
+    if kind == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if cfg.one_case:  # child process: one case, one JSON line
-        print(json.dumps(run_case(cfg, cfg.one_case, device, dtype)))
-        return
+        case, vocab = cfg.one_case.split("@")
+        print(json.dumps(run_case(cfg, case, vocab, device, dtype)))
+        return None
     argv = sys.argv[1:] if argv is None else list(argv)
-    results = []
-    for case in [c for c in cfg.cases.split(",") if c]:
-        if device == "cuda":
-            r = run_case(cfg, case, device, dtype)
-        else:  # a fresh process per case, so its peak RSS is its own
-            p = subprocess.run([sys.executable, __file__, *argv, f"--one_case={case}"], capture_output=True, text=True)
-            if p.returncode:
-                sys.exit(f"error: case {case} failed:\n{p.stderr[-2000:]}")
-            r = json.loads(p.stdout.strip().splitlines()[-1])
-        results.append(r)
-        print(f"{case:<12} {r['tokens_per_sec']:>10,.0f} tok/s  step {r['step_s'] * 1e3:8.1f} ms  "
-              f"peak mem {r['peak_mem_bytes'] / 2**20:8.1f} MiB", flush=True)
-    if device == "cuda":
+    if kind == "cuda":
         name = torch.cuda.get_device_name()
         peak = cfg.peak_tflops or next((v for k, v in KNOWN_PEAK_TFLOPS.items() if k in name), 0)
-        peak_flops, peak_src = peak * 1e12, f"{name}, {peak} TFLOP/s" if peak else "unknown GPU: pass --peak_tflops"
-    else:
+        peak_flops = peak * 1e12
+        peak_src = f"{name}, {peak} TFLOP/s" if peak else "unknown GPU: pass --peak_tflops"
+    elif kind == "cpu":
         peak_flops = cpu_matmul_peak()
-        peak_src = f"measured fp32 matmul peak of this CPU, {peak_flops / 1e9:.1f} GFLOP/s"
-    for r in results:
-        r["mfu"] = r["flops_per_token"] * r["tokens_per_sec"] / peak_flops if peak_flops else None
-    by = {r["case"]: r for r in results}
-    print(f"MFU against {peak_src}: " + ", ".join(
-        f"{r['case']} {r['mfu']:.1%}" for r in results if r["mfu"] is not None))
-    summary = {"results": results, "peak_flops": peak_flops, "device": device, "dtype": dtype,
-               "config": vars(cfg)}
-    if "terminal" in by:
-        t = by["terminal"]
-        for case in ("dense", "dense_plain", "reference"):
-            if case in by:
-                r = by[case]
-                print(f"{case} / terminal: time x{r['step_s'] / t['step_s']:.2f}, "
-                      f"peak memory x{r['peak_mem_bytes'] / t['peak_mem_bytes']:.2f}")
-        # the readout's share of a terminal step's FLOPs, and what a dense step adds in theory
-        m = LoopedGPT(model_config(cfg, "terminal"))
-        share = m.flops_per_token(n_readouts=1)
-        dense_extra = m.flops_per_token(n_readouts=cfg.n_loops) / share
-        print(f"FLOP model: a dense step does x{dense_extra:.2f} the FLOPs of a terminal step "
-              f"(+33% more on the chunked loops for the logits recomputed in backward)")
-        summary["dense_flop_ratio"] = dense_extra
+        peak_src = f"this CPU's measured fp32 matmul peak, {peak_flops / 1e9:.1f} GFLOP/s"
+    else:
+        peak_flops, peak_src = 0.0, "no known peak for this device"
+    n_layer, n_head, n_embd, batch = sizes(cfg)
+    print(f"n_layer {n_layer}, n_head {n_head}, n_embd {n_embd}, K {cfg.n_loops}, sequence "
+          f"{cfg.block_size}, batch {cfg.batch_size or batch}, {device} {dtype}; MFU against "
+          f"{peak_src}")
+    summary = {"device": device, "dtype": dtype, "peak_flops": peak_flops, "config": vars(cfg),
+               "results": [], "ratios": {}}
+    for vocab in cfg.vocab.split(","):
+        results = []
+        for case in cfg.cases.split(","):
+            if kind != "cpu":
+                results.append(run_case(cfg, case, vocab, device, dtype))
+                continue
+            # a fresh process per case, so its peak RSS is its own
+            p = subprocess.run([sys.executable, os.path.abspath(__file__), *argv,
+                                f"--one_case={case}@{vocab}"], capture_output=True, text=True)
+            if p.returncode:
+                error(f"case {case}@{vocab} failed: {p.stderr.strip().splitlines()[-1:]}")
+            results.append(json.loads(p.stdout.strip().splitlines()[-1]))
+        summary["ratios"][vocab] = report(results, vocab, peak_flops)
+        summary["results"] += results
     if cfg.gen_tokens:
-        g = bench_generation(cfg, device)
-        print(f"generation, {cfg.block_size - cfg.gen_tokens}->{cfg.block_size} tokens: cached "
-              f"{g['cached']:,.1f} tok/s, recompute {g['recompute']:,.1f} tok/s, x{g['cached'] / g['recompute']:.1f}")
+        vocab = cfg.vocab.split(",")[0]
+        g = bench_generation(cfg, vocab, device)
+        print(f"\ngeneration ({vocab}), {cfg.block_size - cfg.gen_tokens}->{cfg.block_size} "
+              f"tokens: cached {g['cached']:,.1f} tok/s, recompute {g['recompute']:,.1f} tok/s, "
+              f"x{g['cached'] / g['recompute']:.1f}")
         summary["generation"] = g
     if cfg.json:
         with open(cfg.json, "w") as f:
-            json.dump(summary, f, indent=1)
+            json.dump(summary, f, indent=1, default=lambda v: None if math.isnan(v) else v)
+    return summary
 
 
 if __name__ == "__main__":

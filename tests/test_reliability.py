@@ -65,7 +65,8 @@ def test_resume_with_a_different_model_flag(trained, data_dir):
 def test_device_and_dtype_the_machine_cannot_do(data_dir, tmp_path):
     if not torch.cuda.is_available():
         p = run("train.py", *train_args(data_dir, tmp_path), "--device=cuda")
-        assert_clear_error(p, "no CUDA device", "--device=cpu")
+        assert_clear_error(p, "--device='cuda' is not available on this machine",
+                           "devices here: cpu")
     p = run("train.py", *train_args(data_dir, tmp_path, "--device=cpu", "--dtype=float16", "--max_iters=2"))
     assert p.returncode == 0 and "falling back to float32" in p.stderr  # documented fallback
     p = run("train.py", *train_args(data_dir, tmp_path, "--dtype=fp8"))
@@ -85,13 +86,40 @@ def test_resume_without_checkpoint(data_dir, tmp_path):
 
 
 def test_sample_with_empty_checkpoint_path():
-    assert_clear_error(run("sample.py", "--out_dir="), "--out_dir is empty")
+    assert_clear_error(run("sample.py", "--out_dir="), "--out_dir='' is invalid")
+
+
+class RunsCode:
+    """Unpickling this calls `touch` on a file: what a malicious checkpoint could do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_checkpoint_with_pickled_code_is_refused_unrun(trained, data_dir, tmp_path):
+    ckpt = torch.load(trained / "ckpt.pt", weights_only=True)
+    ckpt["config"]["note"] = RunsCode(tmp_path / "ran")
+    out = tmp_path / "evil"
+    out.mkdir()
+    torch.save(ckpt, out / "ckpt.pt")
+    for script, args in (("sample.py", []), ("eval.py", [f"--data_dir={data_dir}"]),
+                         ("train.py", ["--init_from=resume", f"--data_dir={data_dir}"])):
+        p = run(script, f"--out_dir={out}", *args)
+        assert_clear_error(p, "refused unopened", "could run code")
+        assert len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "ran").exists()
+    torch.load(out / "ckpt.pt", weights_only=False)  # the unsafe loader would have run it
+    assert (tmp_path / "ran").exists()
 
 
 def test_prepare_bad_inputs(tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 10)
-    for arg, words in ((tmp_path / "nope.txt", "does not exist"), (tmp_path / "empty.txt", "is empty"),
+    for arg, words in ((tmp_path / "nope.txt", "comma-separated existing files"),
+                       (tmp_path / "empty.txt", "is empty"),
                        (tmp_path / "blob.bin", "looks binary")):
         p = run("prepare.py", f"--input={arg}", f"--data_dir={tmp_path}/d")
         assert_clear_error(p, str(arg), words)
@@ -155,8 +183,8 @@ def test_skip_nonfinite_counts_skipped_steps(data_dir, tmp_path, monkeypatch):
     from train import main
     forward, calls = model_module.LoopedGPT.forward, {"n": 0}
 
-    def flaky(self, idx, targets=None, n_loops=None):  # training step 3 sees a NaN loss
-        logits, loss, stats = forward(self, idx, targets, n_loops)
+    def flaky(self, idx, targets=None, n_loops=None, all_exits=True):  # step 3: a NaN loss
+        logits, loss, stats = forward(self, idx, targets, n_loops, all_exits)
         if self.training:
             calls["n"] += 1
             if calls["n"] == 3:

@@ -4,11 +4,14 @@ import json
 import os
 import sys
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from conftest import ROOT, TINY, read_log, run
+from model import LoopedGPT
 from prepare import gpt2_encoding, load_tokenizer
 
 
@@ -93,7 +96,7 @@ def test_ddp_two_processes_gloo(data_dir, tmp_path):
     (["--supervision=dense"], "per_loop | terminal"),
     (["--n_loops=0"], "--n_loops=0"),
     (["--norm_penalty=-1"], "--norm_penalty=-1"),
-    (["--n_embd=30", "--n_head=4"], "multiple of n_head"),
+    (["--n_embd=30", "--n_head=4"], "multiple of --n_head=4"),
     (["--learning_rte=1e-3"], "did you mean --learning_rate"),
     (["--max_iters=ten"], "--max_iters"),
     (["config/nope.py"], "does not exist"),
@@ -113,28 +116,55 @@ def test_help_lists_every_option():
         assert f"--{key}" in p.stdout
 
 
-def test_presets_load(tmp_path):
+def test_paper_presets_build_the_papers_models():
+    """At the paper's word-level vocabulary (prepare.py caps it at 20,000) the presets give the
+    44M and 129M models, and every preset value passes train.py's option checks."""
     from configurator import parse
-    from train import OPTIONS
-    for preset in sorted(os.listdir(os.path.join(ROOT, "config"))):
-        cfg, explicit = parse(OPTIONS, [os.path.join(ROOT, "config", preset)])
-        assert explicit, preset
-    cfg, _ = parse(OPTIONS, [os.path.join(ROOT, "config", "paper_44m.py")])
-    assert (cfg.n_embd, cfg.n_head, cfg.n_layer, cfg.n_loops, cfg.block_size) == (512, 8, 8, 4, 256)
+    from train import OPTIONS, model_config
+    for preset, params in (("paper_44m.py", 44e6), ("paper_129m.py", 129e6)):
+        cfg, explicit = parse("train.py", OPTIONS, [os.path.join(ROOT, "config", preset)])
+        assert {"n_layer", "n_embd", "learning_rate", "dropout"} <= explicit
+        assert (cfg.block_size, cfg.n_loops, cfg.learning_rate, cfg.weight_decay) == \
+            (256, 4, 3e-4, 0.01)
+        model = LoopedGPT(model_config(vars(cfg) | {"vocab_size": 20000}))
+        assert abs(model.get_num_params() / params - 1) < 0.01, model.get_num_params()
 
 
 def test_bench_runs_every_case_and_prints_ratios(tmp_path):
     out = tmp_path / "bench.json"
-    p = run("bench.py", "--vocab=char", "--block_size=32", "--batch_size=2", "--n_loops=2", "--steps=1",
+    p = run("bench.py", "--block_size=32", "--batch_size=2", "--n_loops=2", "--steps=1",
             "--warmup=0", "--gen_tokens=8", f"--json={out}")
     assert p.returncode == 0, p.stderr[-2000:]
-    for words in ("dense / terminal: time x", "dense_plain / terminal", "reference / terminal",
-                  "MFU against measured fp32 matmul peak", "generation, 24->32 tokens: cached"):
+    for words in ("vocab gpt2", "vocab char", "terminal step time / flat step time",
+                  "dense executed FLOP/s / terminal executed FLOP/s", "nanogpt model FLOP/s",
+                  "generation (gpt2), 24->32 tokens: cached"):
         assert words in p.stdout, p.stdout
     res = json.loads(out.read_text())
-    assert {r["case"] for r in res["results"]} == {"terminal", "dense", "dense_plain", "reference"}
-    assert all(r["peak_mem_bytes"] > 0 and 0 < r["mfu"] < 1 for r in res["results"])
-    # the reference does the same block compute in one pass: n_layer * K layers, one loop
-    ref = next(r for r in res["results"] if r["case"] == "reference")
-    term = next(r for r in res["results"] if r["case"] == "terminal")
-    assert ref["params"] > term["params"]
+    cases = {(r["case"], r["vocab"]) for r in res["results"]}
+    assert cases == {(c, v) for c in ("terminal", "dense", "dense_plain", "flat", "nanogpt")
+                     for v in ("gpt2", "char")}
+    by = {(r["case"], r["vocab"]): r for r in res["results"]}
+    for r in res["results"]:
+        assert r["peak_mem_bytes"] > 0 and 0 < r["mfu"] < 1
+        ref = by[("nanogpt", r["vocab"])]
+        assert abs(r["vs_nanogpt"] * ref["model_flops_per_sec"] - r["model_flops_per_sec"]) \
+            < 1e-6 * r["model_flops_per_sec"]
+    # executed FLOPs add one readout matmul per chunked loop (gpt2 dense), nothing elsewhere
+    V, C = 50257, 128
+    dense = by[("dense", "gpt2")]
+    assert dense["executed_flops_per_token"] - dense["flops_per_token"] == 2 * V * C * (2 - 1)
+    assert by[("dense", "char")]["executed_flops_per_token"] == \
+        by[("dense", "char")]["flops_per_token"]
+    ratios = res["ratios"]["gpt2"]
+    t, f = by[("terminal", "gpt2")], by[("flat", "gpt2")]
+    assert ratios["terminal step time / flat step time"] == t["step_s"] / f["step_s"]
+
+
+def test_plain_gpt_reference_counts_flops_like_nanogpt():
+    from bench import PlainGPT
+    m = PlainGPT(vocab_size=100, block_size=16, n_layer=3, n_head=2, n_embd=8)
+    n = sum(p.numel() for p in m.parameters()) - m.wpe.weight.numel()  # nanoGPT's N
+    assert m.flops_per_token() == 6 * n + 12 * 3 * 8 * 16
+    x = torch.randint(100, (2, 16))
+    _, loss, _ = m(x, x)
+    assert abs(loss.item() - math.log(100)) < 0.1  # near-uniform at init, as a GPT starts

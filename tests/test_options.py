@@ -1,0 +1,178 @@
+"""Every option of every script is checked before any work, from the scripts' own OPTIONS tables:
+a bad value is one short line on stderr naming the flag, exit status 2, and no file touched."""
+
+import hashlib
+import importlib
+import shutil
+
+import pytest
+import torch
+
+from conftest import run
+
+SCRIPTS = ("train", "sample", "eval", "bench", "prepare", "plot_norms", "experiments")
+WRONG_TYPE = {int: ["ten", "1.5"], float: ["abc"], bool: ["maybe"], str: []}
+
+
+def bad_values(default, accepts):
+    """(value, how) pairs the option must refuse: out of range, wrong type, NaN/inf."""
+    values = [] if isinstance(default, bool) else [(v, "range") for v in accepts.refused]
+    values += [(v, "type") for v in WRONG_TYPE[type(default)]]
+    if isinstance(default, float):
+        values += [("nan", "nan"), ("inf", "inf"), ("-inf", "inf")]
+    return values
+
+
+def cases():
+    out = []
+    for script in SCRIPTS:
+        options = importlib.import_module(script).OPTIONS
+        for name, (default, _, accepts) in options.items():
+            for value, how in bad_values(default, accepts):
+                out.append(pytest.param(script, name, str(value), id=f"{script}-{name}-{how}"))
+            if isinstance(default, str) and script != "plot_norms":  # a preset can mistype it
+                out.append(pytest.param(script, name, 3, id=f"{script}-{name}-preset_type"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def workdir(tiny_runs, tmp_path_factory):
+    """A folder holding a finished run (checkpoint, log, eval.json) to point the scripts at."""
+    root = tmp_path_factory.mktemp("options")
+    shutil.copytree(tiny_runs["rmsnorm"], root / "run")
+    return root
+
+
+def snapshot(root):
+    return {p.relative_to(root): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def base_args(script, name, options, workdir):
+    """Good arguments for everything but the option under test."""
+    args = []
+    if script == "plot_norms":
+        args.append(str(workdir / "run"))
+    if "out_dir" in options and name != "out_dir":
+        args.append(f"--out_dir={workdir / 'run'}")
+    return args
+
+
+@pytest.mark.parametrize("script,name,value", cases())
+def test_every_bad_value_is_one_line_and_touches_nothing(script, name, value, workdir,
+                                                         capsys, monkeypatch):
+    module = importlib.import_module(script)
+    monkeypatch.chdir(workdir)
+    before = snapshot(workdir)
+    args = base_args(script, name, module.OPTIONS, workdir)
+    if isinstance(value, str):
+        args.append(f"--{name}={value}")
+    else:  # a preset file that assigns a wrong type
+        preset = workdir.parent / f"preset_{script}_{name}.py"
+        preset.write_text(f"{name} = {value!r}\n")
+        args.insert(0, str(preset))
+    with pytest.raises(SystemExit) as e:
+        module.main(args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2, err
+    assert name in err and "Traceback" not in err, err
+    assert 1 <= len(err.splitlines()) <= 3, err
+    assert snapshot(workdir) == before
+
+
+def test_every_option_of_every_script_has_bad_values():
+    for script in SCRIPTS:
+        for name, (default, _, accepts) in importlib.import_module(script).OPTIONS.items():
+            kinds = {how for _, how in bad_values(default, accepts)}
+            if not isinstance(default, bool):
+                assert "range" in kinds, (script, name)
+            if not isinstance(default, str):
+                assert "type" in kinds, (script, name)
+    assert len(cases()) > 250
+
+
+def test_help_shows_what_each_option_accepts():
+    for script in SCRIPTS:
+        module = importlib.import_module(script)
+        p = run(f"{script}.py", "--help")
+        assert p.returncode == 0, p.stderr
+        for name, (default, _, accepts) in module.OPTIONS.items():
+            assert f"--{name}" in p.stdout, (script, name)
+            text = "True | False" if isinstance(default, bool) else accepts.text
+            assert "".join(text.split()) in "".join(p.stdout.split()), (script, name)
+
+
+@pytest.mark.parametrize("script,args,words", [
+    ("train.py", ["--batch_size=0"], "--batch_size=0 is invalid; accepted: an integer >= 1"),
+    ("train.py", ["--beta2=1.5"], "--beta2=1.5 is invalid; accepted: a number in [0.0, 1.0)"),
+    ("train.py", ["--learning_rate=nan"], "--learning_rate=nan is invalid"),
+    ("sample.py", ["--temperature=-1"], "--temperature=-1.0 is invalid"),
+    ("sample.py", ["--exit_policy=max_prob", "--exit_threshold=1.5"], "no token could ever"),
+    ("eval.py", ["--target=0.5"], "--target=0.5 is invalid; accepted: a number >= 1.0"),
+    ("bench.py", ["--cases=dense,warp"], "--cases='dense,warp' is invalid"),
+    ("prepare.py", ["--val_fraction=1"], "--val_fraction=1.0 is invalid"),
+    ("plot_norms.py", ["out", "--out=fig.jpg"], "--out='fig.jpg' is invalid"),
+    ("experiments.py", ["--seeds=0"], "--seeds=0 is invalid"),
+])
+def test_as_a_user_sees_it(script, args, words, tmp_path):
+    if script in ("train.py", "sample.py", "eval.py", "experiments.py"):
+        args = [*args, f"--out_dir={tmp_path}"]
+    p = run(script, *args)
+    assert p.returncode == 2
+    assert words in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_options_that_only_make_sense_together(workdir, capsys):
+    import eval as eval_script
+    import sample
+    import train
+    for module, args, words in (
+            (sample, ["--exit_threshold=0.5"], "--exit_threshold needs --exit_policy"),
+            (train, ["--lr_schedule=cosine", "--min_lr=0.1", "--learning_rate=0.01"],
+             "--min_lr=0.1 is above --learning_rate=0.01"),
+            (eval_script, ["--start=ROMEO:"], "--start is the prompt of --run=lens")):
+        with pytest.raises(SystemExit) as e:
+            module.main([f"--out_dir={workdir / 'run'}", *args])
+        assert e.value.code == 2 and words in capsys.readouterr().err
+
+
+# ---- devices: auto is CUDA, then MPS, then the CPU; a missing one is named -------------------
+
+def machine(monkeypatch, cuda=0, mps=False):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: mps)
+
+
+def test_device_choice(monkeypatch, capsys):
+    from configurator import pick_device, pick_dtype
+    machine(monkeypatch, cuda=2, mps=True)
+    assert pick_device("auto") == "cuda" and pick_device("cuda:1") == "cuda:1"
+    with pytest.raises(SystemExit):
+        pick_device("cuda:2")
+    assert "devices here: cpu, cuda, cuda:0, cuda:1, mps" in capsys.readouterr().err
+    machine(monkeypatch, mps=True)
+    assert pick_device("auto") == "mps" and pick_device("mps") == "mps"
+    assert pick_dtype("mps", "auto") == "float32"
+    assert pick_dtype("mps", "bfloat16") == "bfloat16"  # torch autocasts bf16 on macOS 14+
+    assert pick_dtype("mps", "float16") == "float32"  # with a warning
+    assert "not supported on mps" in capsys.readouterr().err
+    machine(monkeypatch)
+    assert pick_device("auto") == "cpu"
+    for missing in ("mps", "cuda"):
+        with pytest.raises(SystemExit) as e:
+            pick_device(missing)
+        assert e.value.code == 2
+        assert f"--device='{missing}' is not available" in capsys.readouterr().err
+
+
+def test_mps_runs_without_compile_and_fused_adamw(monkeypatch):
+    from model import LoopedGPT, LoopedGPTConfig
+    machine(monkeypatch, mps=True)
+    cfg = LoopedGPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=1, n_embd=8)
+    opt = LoopedGPT(cfg).configure_optimizers(0.0, 1e-3, (0.9, 0.95), "mps")
+    assert not opt.defaults["fused"]
+    opt = LoopedGPT(cfg).configure_optimizers(0.0, 1e-3, (0.9, 0.95), "cuda")
+    assert opt.defaults["fused"]
