@@ -15,6 +15,8 @@ warm-up) of:
   nanogpt      a plain GPT written the way nanoGPT writes it (LayerNorm, GELU MLP, same width,
                heads, context and batch, depth n_layer * K): the reference for speed
 and prints each case's achieved model FLOP/s relative to nanogpt, and the other ratios below.
+Step time: the fastest timed step, over --rounds rounds that run every case in turn, so that
+other work on the machine and slow drifts touch all cases alike.
 Model FLOPs per token: 6 per weight use plus attention, as in nanoGPT and PaLM. Executed
 FLOPs also count the logits that the chunked CE recomputes in backward.
 Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU each case runs in a fresh
@@ -26,7 +28,6 @@ MFU is against this CPU's measured fp32 matmul throughput, or the GPU's bf16 pea
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -60,7 +61,8 @@ OPTIONS = {
     "n_loops": (4, "K", at_least(1)),
     "block_size": (256, "sequence length", at_least(2)),
     "batch_size": (0, "sequences per step (0 = the preset's)", at_least(0)),
-    "steps": (5, "timed training steps per case", at_least(1)),
+    "steps": (5, "timed training steps per case and round", at_least(1)),
+    "rounds": (2, "rounds over all cases; each case keeps its best round", at_least(1)),
     "warmup": (1, "untimed steps per case first", at_least(0)),
     "cases": (",".join(CASES), "training cases to run", subset(CASES)),
     "gen_tokens": (128, "tokens generated in the generation benchmark (0 skips it)",
@@ -219,12 +221,23 @@ def run_case(cfg, case, vocab, device, dtype):
         sync()
         if i >= cfg.warmup:
             times.append(time.perf_counter() - t0)
-    dt = statistics.median(times)
+    dt = min(times)  # the least disturbed step
     peak = torch.cuda.max_memory_allocated() if kind == "cuda" else rss_bytes("VmHWM") - rss0
     return {"case": case, "vocab": vocab, "step_s": dt,
             "tokens_per_sec": B * cfg.block_size / dt, "peak_mem_bytes": peak,
             "flops_per_token": model.flops_per_token(),
             "executed_flops_per_token": executed_flops_per_token(model)}
+
+
+def run_one(cfg, case, vocab, device, dtype, argv):
+    """One case; on CPU in a fresh process, so that its peak RSS is its own."""
+    if not device.startswith("cpu"):
+        return run_case(cfg, case, vocab, device, dtype)
+    p = subprocess.run([sys.executable, os.path.abspath(__file__), *argv,
+                        f"--one_case={case}@{vocab}"], capture_output=True, text=True)
+    if p.returncode:
+        error(f"case {case}@{vocab} failed: {p.stderr.strip().splitlines()[-1:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def cpu_matmul_peak(n=2048, reps=5):
@@ -291,7 +304,9 @@ def report(results, vocab, peak_flops):
               d["executed_flops_per_sec"] / t["executed_flops_per_sec"], 0.95, True)
         ratio("dense peak memory / terminal peak memory",
               d["peak_mem_bytes"] / t["peak_mem_bytes"], 1.2, False)
-    for case in ("terminal", "dense"):
+    # at GPT-2's vocabulary the dense step also recomputes logits that model FLOPs do not
+    # count: the executed-FLOP/s ratio above is its target there
+    for case in ("terminal", "dense") if vocab == "char" else ("terminal",):
         if case in by and ref:
             ratio(f"{case} model FLOP/s / nanogpt model FLOP/s", by[case]["vs_nanogpt"], 1.0,
                   True)
@@ -331,17 +346,13 @@ def main(argv=None):
     summary = {"device": device, "dtype": dtype, "peak_flops": peak_flops, "config": vars(cfg),
                "results": [], "ratios": {}}
     for vocab in cfg.vocab.split(","):
-        results = []
-        for case in cfg.cases.split(","):
-            if kind != "cpu":
-                results.append(run_case(cfg, case, vocab, device, dtype))
-                continue
-            # a fresh process per case, so its peak RSS is its own
-            p = subprocess.run([sys.executable, os.path.abspath(__file__), *argv,
-                                f"--one_case={case}@{vocab}"], capture_output=True, text=True)
-            if p.returncode:
-                error(f"case {case}@{vocab} failed: {p.stderr.strip().splitlines()[-1:]}")
-            results.append(json.loads(p.stdout.strip().splitlines()[-1]))
+        best = {}
+        for _ in range(cfg.rounds):
+            for case in cfg.cases.split(","):
+                r = run_one(cfg, case, vocab, device, dtype, argv)
+                if case not in best or r["step_s"] < best[case]["step_s"]:
+                    best[case] = r
+        results = list(best.values())
         summary["ratios"][vocab] = report(results, vocab, peak_flops)
         summary["results"] += results
     if cfg.gen_tokens:

@@ -20,6 +20,7 @@ Exits are simulated on full sequences: every position runs all loops (so later t
 deeper states of earlier ones) and each token's prediction is read at its own exit loop.
 """
 
+import copy
 import json
 import math
 import os
@@ -215,15 +216,19 @@ def lens(model, ids, decode):
             "prob": [[top[k].values[t].item() for k in range(len(top))] for t in range(len(ids))]}
 
 
+def shown(token):
+    """A token as one visible cell: escapes for control characters, a mark for spaces."""
+    return repr(token)[1:-1].replace(" ", "\u2423")
+
+
 def print_lens(out):
     K = len(out["prob"][0])
     print("logit lens: top-1 next token (probability) after each loop")
     header = " ".join(f"{'loop ' + str(k):<14}" for k in range(1, K + 1))
     print(f"{'pos':>3} {'token':<8} {header}")
     for t, token in enumerate(out["tokens"]):
-        cells = [f"{repr(w)[1:-1]:<6} {p:6.3f} " for w, p in zip(out["top1_token"][t],
-                                                                 out["prob"][t])]
-        print(f"{t:>3} {repr(token)[1:-1]:<8} " + " ".join(cells))
+        cells = [f"{shown(w):<6} {p:6.3f} " for w, p in zip(out["top1_token"][t], out["prob"][t])]
+        print(f"{t:>3} {shown(token):<8} " + " ".join(cells))
 
 
 # ---- the paper's diagnostics: why the norm grows, and that the readout does not care ----------
@@ -232,34 +237,38 @@ def _stats(x):
     return {"mean": x.mean().item(), "std": x.std().item()}
 
 
-def lemma1(model, batches):
-    """Lemma 1 on this checkpoint, in float64: per token, |cos(dCE/dh_K, h_K)|. Zero (up to
-    rounding) for a scale-invariant last readout; clearly non-zero for a scale-visible one."""
-    model = model.double()
+@torch.no_grad()
+def all_states(model, batches):
+    """loop_states of every batch, computed once for the diagnostics that share them."""
+    return [model.loop_states(x) for x, _ in tqdm(batches, desc="loops", unit="batch",
+                                                  leave=False)]
+
+
+def lemma1(model, batches, states=None):
+    """Lemma 1 on this checkpoint: per token, |cos(dCE/dh_K, h_K)|, with the readout in float64
+    (the loops run as trained). Zero up to rounding for a scale-invariant last readout; clearly
+    non-zero for a scale-visible one."""
     K = model.config.n_loops
+    readout = copy.deepcopy(model).double()  # only its ln_f and lm_head are used
     cos = []
-    for x, y in tqdm(batches, desc="lemma 1", unit="batch", leave=False):
-        with torch.no_grad():
-            h = model.loop_states(x)[-1]
-        h.requires_grad_(True)
-        ce = F.cross_entropy(model.readout(h, K).flatten(0, 1), y.flatten())
+    for (_, y), hs in zip(batches, states or all_states(model, batches)):
+        h = hs[-1].double().requires_grad_(True)
+        ce = F.cross_entropy(readout.readout(h, K).flatten(0, 1), y.flatten())
         (g,) = torch.autograd.grad(ce, h)
         cos.append(F.cosine_similarity(g, h, dim=-1).abs().flatten())
-    model.float()
     cos = torch.cat(cos)
     return {"max_abs_cos": cos.max().item(), "mean_abs_cos": cos.mean().item(),
             "n_tokens": cos.numel()}
 
 
 @torch.no_grad()
-def decomposition(model, batches):
+def decomposition(model, batches, states=None):
     """Lemma 2, measured. For loop k -> k+1, u = h_k / ||h_k||, d = h_{k+1} - h_k: the radial part
     a_rad = <d, u>, the tangential part ||d - a_rad u||, the angle between h_k and h_{k+1}, and
     the predicted angle tangential / ||h_k||: a big state barely turns, it only grows."""
     parts = {}
-    for x, _ in tqdm(batches, desc="decomposition", unit="batch", leave=False):
-        states = model.loop_states(x)
-        for k, (h, h_next) in enumerate(zip(states, states[1:]), start=1):
+    for hs in states or all_states(model, batches):
+        for k, (h, h_next) in enumerate(zip(hs, hs[1:]), start=1):
             norm = h.norm(dim=-1)
             d = h_next - h
             a_rad = (d * h).sum(-1) / norm
@@ -290,23 +299,25 @@ def clamped_loop_ce(model, x, y, ref_norms=None):
     return ces
 
 
-def clamp(model, batches):
+def clamp(model, batches, states=None):
+    """CE per exit with and without the radial clamp (clamped_loop_ce), over the batches."""
     plain, clamped = [], []
-    for x, y in tqdm(batches, desc="radial clamp", unit="batch", leave=False):
+    for (x, y), hs in zip(batches, states or all_states(model, batches)):
         with torch.no_grad():
-            plain.append(model(x, y)[2]["loop_ce"].tolist())
+            plain.append([F.cross_entropy(model.readout(h, k).flatten(0, 1).float(),
+                                          y.flatten()).item() for k, h in enumerate(hs, 1)])
         clamped.append(clamped_loop_ce(model, x, y))
     return {"unclamped_ce": [sum(c) / len(plain) for c in zip(*plain)],
             "clamped_ce": [sum(c) / len(clamped) for c in zip(*clamped)]}
 
 
 @torch.no_grad()
-def scale(model, batches, alphas=(0.1, 0.3, 1.0, 3.0, 10.0)):
+def scale(model, batches, states=None, alphas=(0.1, 0.3, 1.0, 3.0, 10.0)):
     """CE of the last loop's readout of alpha * h_K: flat for a scale-invariant readout."""
     K = model.config.n_loops
     ce = {a: 0.0 for a in alphas}
-    for x, y in tqdm(batches, desc="scale sensitivity", unit="batch", leave=False):
-        h = model.loop_states(x)[-1]
+    for (_, y), hs in zip(batches, states or all_states(model, batches)):
+        h = hs[-1]
         for a in alphas:
             logits = model.readout(a * h, K).flatten(0, 1).float()
             ce[a] += F.cross_entropy(logits, y.flatten()).item() / len(batches)
@@ -314,11 +325,11 @@ def scale(model, batches, alphas=(0.1, 0.3, 1.0, 3.0, 10.0)):
 
 
 @torch.no_grad()
-def spread(model, batches, bins=40):
+def spread(model, batches, states=None, bins=40):
     """Per-token ||h_k|| at each loop: p50 / p90 / p99 / max, and a log-binned histogram of the
     last loop's."""
-    per_batch = [[h.norm(dim=-1).flatten().double() for h in model.loop_states(x)]
-                 for x, _ in tqdm(batches, desc="norm spread", unit="batch", leave=False)]
+    per_batch = [[h.norm(dim=-1).flatten().double() for h in hs]
+                 for hs in states or all_states(model, batches)]
     norms = [torch.cat(n) for n in zip(*per_batch)]
     q = torch.tensor([0.5, 0.9, 0.99, 1.0], dtype=torch.float64)
     last = norms[-1].clamp(min=1e-12)
@@ -396,9 +407,12 @@ def main(argv=None):
         except ValueError as e:
             die(f"--start={cfg.start!r} cannot be encoded by this run's tokenizer: {e}")
         out["lens"] = lens(model, ids, decode)
+    shared = None
+    if cfg.run in DIAGNOSTICS + ("all",):
+        shared = all_states(model, batches)
     for name in DIAGNOSTICS:
         if cfg.run in (name, "all"):
-            out[name] = globals()[name](model, batches)
+            out[name] = globals()[name](model, batches, shared)
     out["config"] = run
     out["n_loops"] = K
     atomic_write_text(path, json.dumps(out))

@@ -149,7 +149,11 @@ def model_config(run):
 
 def model_from_checkpoint(ckpt, device):
     model = LoopedGPT(model_config(ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        die(f"the checkpoint's weights do not fit this model.py ({str(e).splitlines()[0]}); "
+            f"it comes from another version of nanoloop: train it again")
     return model.eval().to(device)
 
 
@@ -310,13 +314,15 @@ def main(argv=None):
 
     # model and optimizer
     torch.manual_seed(cfg.seed + rank)
-    model = LoopedGPT(model_config(run_config)).to(cfg.device)
+    if ckpt:
+        model = model_from_checkpoint(ckpt, cfg.device).train()
+    else:
+        model = LoopedGPT(model_config(run_config)).to(cfg.device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
                                            (cfg.beta1, cfg.beta2), dev)
     scaler = torch.amp.GradScaler(dev, enabled=cfg.dtype == "float16")
     iter_num = 0
     if ckpt:
-        model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"])

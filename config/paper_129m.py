@@ -1,9 +1,20 @@
-# The paper's 129M setting (../shared/DESIGN.md): 768 wide, 12 heads, 12 layers looped K=4 times,
-# sequence 256, AdamW 3e-4 constant, weight decay 0.01, clip 1.0, dropout 0.1, bf16, batch 32.
-# Data: as in config/paper_44m.py (WikiText-103, word level, in the paper).
+# The paper's 129M setting: a block of 12 layers (768 wide, 12 heads) looped K=4 times; batch
+# 32; everything else as in config/paper_44m.py (sequence 256, AdamW at a constant 3e-4,
+# weight decay 0.01, clip 1.0, dropout 0.1, bf16). 129M parameters at the paper's word-level
+# vocabulary (20,000 words); the data as in config/paper_44m.py.
 dataset = "shakespeare_gpt2"
-n_layer, n_head, n_embd, n_loops = 12, 12, 768, 4
-block_size, batch_size = 256, 32
-learning_rate, weight_decay, warmup_iters, lr_schedule = 3e-4, 0.01, 0, "constant"
-grad_clip, dropout = 1.0, 0.1
-max_iters, eval_interval, eval_iters = 20000, 500, 50
+n_layer = 12
+n_head = 12
+n_embd = 768
+n_loops = 4
+block_size = 256
+batch_size = 32
+learning_rate = 3e-4
+weight_decay = 0.01
+warmup_iters = 0
+lr_schedule = "constant"
+grad_clip = 1.0
+dropout = 0.1
+max_iters = 20000
+eval_interval = 500
+eval_iters = 50

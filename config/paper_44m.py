@@ -1,12 +1,26 @@
-# The paper's 44M setting (../shared/DESIGN.md): 512 wide, 8 heads, 8 layers looped K=4 times,
-# sequence 256, AdamW 3e-4 constant, weight decay 0.01, clip 1.0, dropout 0.1, bf16, batch 64.
-# The paper trains on WikiText-103 with a word-level tokenizer. With the raw files on disk:
+# The paper's 44M setting: a block of 8 layers (512 wide, 8 heads, SwiGLU 4x, pre-norm RMSNorm,
+# tied embeddings, learned positions) looped K=4 times; sequence 256, batch 64, AdamW at a
+# constant 3e-4 (no warmup), weight decay 0.01, gradient clip 1.0, dropout 0.1, bf16.
+# 44M parameters at the paper's word-level vocabulary (WikiText-103; prepare.py's word
+# tokenizer keeps up to 20,000 words). With the raw files on disk:
 #   python prepare.py --input=wiki.train.raw,wiki.valid.raw --tokenizer=word --name=wikitext103_word
 #   python train.py config/paper_44m.py --dataset=wikitext103_word
-# Offline out of the box it uses Shakespeare with GPT-2 BPE (python prepare.py --tokenizer=gpt2).
+# Offline out of the box it trains on Shakespeare with GPT-2 BPE:
+#   python prepare.py --tokenizer=gpt2
+# Presets are Python and run as code, as in nanoGPT: use only presets you trust.
 dataset = "shakespeare_gpt2"
-n_layer, n_head, n_embd, n_loops = 8, 8, 512, 4
-block_size, batch_size = 256, 64
-learning_rate, weight_decay, warmup_iters, lr_schedule = 3e-4, 0.01, 0, "constant"
-grad_clip, dropout = 1.0, 0.1
-max_iters, eval_interval, eval_iters = 20000, 500, 50
+n_layer = 8
+n_head = 8
+n_embd = 512
+n_loops = 4
+block_size = 256
+batch_size = 64
+learning_rate = 3e-4
+weight_decay = 0.01
+warmup_iters = 0
+lr_schedule = "constant"
+grad_clip = 1.0
+dropout = 0.1
+max_iters = 20000
+eval_interval = 500
+eval_iters = 50

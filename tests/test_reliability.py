@@ -201,3 +201,14 @@ def test_fp16_overflow_warning():
     assert fp16_warning([10.0, 20.0], n_embd=64) is None  # RMS 2.5
     msg = fp16_warning([100.0, 3000.0, 2000.0], n_embd=64)  # RMS 375 at loop 2
     assert "||h_2||" in msg and "scale_visible" in msg and "bfloat16" in msg
+
+
+def test_checkpoint_from_another_version_is_named(trained, tmp_path):
+    ckpt = torch.load(trained / "ckpt.pt", weights_only=True)
+    ckpt["model"]["block.0.mlp.c_fc.weight"] = torch.zeros(3, 3)  # an older layout, say
+    out = tmp_path / "old"
+    out.mkdir()
+    torch.save(ckpt, out / "ckpt.pt")
+    p = run("sample.py", f"--out_dir={out}")
+    assert_clear_error(p, "do not fit this model.py", "train it again")
+    assert len(p.stderr.strip().splitlines()) == 1

@@ -133,7 +133,7 @@ def test_paper_presets_build_the_papers_models():
 def test_bench_runs_every_case_and_prints_ratios(tmp_path):
     out = tmp_path / "bench.json"
     p = run("bench.py", "--block_size=32", "--batch_size=2", "--n_loops=2", "--steps=1",
-            "--warmup=0", "--gen_tokens=8", f"--json={out}")
+            "--warmup=0", "--rounds=1", "--gen_tokens=8", f"--json={out}")
     assert p.returncode == 0, p.stderr[-2000:]
     for words in ("vocab gpt2", "vocab char", "terminal step time / flat step time",
                   "dense executed FLOP/s / terminal executed FLOP/s", "nanogpt model FLOP/s",
