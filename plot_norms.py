@@ -168,16 +168,18 @@ def plot_depth_map(runs, out, columns=64):
         raise SystemExit("error: --depth_map needs eval.json from eval.py (--run=depth or all) "
                          "in at least one run")
     layouts = {f: layout(m, columns) for f, m in maps.items()}
-    rows = [max(1, 1 + max(r for r, _, _, _ in cells)) for cells in layouts.values()]
-    fig, axes = plt.subplots(len(maps), 1, figsize=(columns * 0.16, sum(r * 0.26 + 0.6
-                                                                         for r in rows)),
-                             gridspec_kw={"height_ratios": rows}, squeeze=False)
+    rows = [1 + max(r for r, _, _, _ in cells) for cells in layouts.values()]
+    height = sum(0.26 * r + 0.6 for r in rows)
+    fig, axes = plt.subplots(len(maps), 1, figsize=(0.16 * columns, height), squeeze=False,
+                             gridspec_kw={"height_ratios": rows})
     cmap = plt.get_cmap("YlOrRd")
+
+    def shade(k, K):  # light for loop 1, dark for loop K
+        return cmap(0.1 + 0.85 * (k - 1) / max(1, K - 1))
     for ax, (folder, m), n_rows in zip(axes[:, 0], maps.items(), rows):
         K = m["n_loops"]
         for r, c, ch, k in layouts[folder]:
-            ax.add_patch(plt.Rectangle((c, -r - 1), 1, 1, color=cmap(0.1 + 0.85 * (k - 1)
-                                                                     / max(1, K - 1))))
+            ax.add_patch(plt.Rectangle((c, -r - 1), 1, 1, color=shade(k, K)))
             ax.text(c + 0.5, -r - 0.5, ch, ha="center", va="center", fontsize=7,
                     family="monospace", color="white" if k > (K + 1) // 2 else "black")
         mean = sum(m["exit_loop"]) / len(m["exit_loop"])
@@ -189,8 +191,7 @@ def plot_depth_map(runs, out, columns=64):
         ax.set_ylim(-n_rows, 0)
         ax.axis("off")
     K = max(m["n_loops"] for m in maps.values())
-    handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(0.1 + 0.85 * (k - 1) / max(1, K - 1)))
-               for k in range(1, K + 1)]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=shade(k, K)) for k in range(1, K + 1)]
     fig.legend(handles, [f"exit at loop {k}" for k in range(1, K + 1)], loc="lower center",
                ncol=K, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.05, 1, 1))

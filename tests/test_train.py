@@ -168,3 +168,12 @@ def test_plain_gpt_reference_counts_flops_like_nanogpt():
     x = torch.randint(100, (2, 16))
     _, loss, _ = m(x, x)
     assert abs(loss.item() - math.log(100)) < 0.1  # near-uniform at init, as a GPT starts
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script is the real check")
+def test_gpu_check_stops_cleanly_without_a_gpu():
+    import subprocess
+    p = subprocess.run(["bash", os.path.join(ROOT, "gpu_check.sh")], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert p.returncode != 0 and "torch sees no CUDA device" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
