@@ -9,8 +9,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # a tiny run: seconds on a CPU
-TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--n_loops=3", "--block_size=32", "--batch_size=4",
-        "--eval_iters=2", "--warmup_iters=2", "--learning_rate=3e-3", "--log_interval=1"]
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--n_loops=3", "--block_size=32",
+        "--batch_size=4", "--eval_iters=2", "--warmup_iters=2", "--learning_rate=3e-3",
+        "--log_interval=1"]
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +34,8 @@ def data_dir(text_file, tmp_path_factory):
 
 def run(script, *args, env=None, **kw):
     """Run one of the project's scripts as a user would; returns the CompletedProcess."""
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT,
+                          capture_output=True,
                           text=True, env=env, **kw)
 
 

@@ -29,7 +29,8 @@ def assert_clear_error(p, *words):
 # ---- bad input (1-3 and 10-11 are in test_train.py / test_eval.py) ---------------------------
 
 def test_missing_training_data_names_the_prepare_command(tmp_path):
-    p = run("train.py", f"--data_dir={tmp_path}", "--dataset=shakespeare_gpt2", f"--out_dir={tmp_path}/o")
+    p = run("train.py", f"--data_dir={tmp_path}", "--dataset=shakespeare_gpt2",
+            f"--out_dir={tmp_path}/o")
     assert_clear_error(p, "no training data", "python prepare.py --tokenizer=gpt2")
 
 
@@ -58,7 +59,8 @@ def test_resume_with_a_different_model_flag(trained, data_dir):
     before = (trained / "ckpt.pt").read_bytes()
     p = run("train.py", "--init_from=resume", f"--out_dir={trained}", f"--data_dir={data_dir}",
             "--readout=scale_visible")
-    assert_clear_error(p, "--readout='scale_visible' differs from the checkpoint's readout='rmsnorm'")
+    assert_clear_error(p, "--readout='scale_visible' differs from the checkpoint's "
+                          "readout='rmsnorm'")
     assert (trained / "ckpt.pt").read_bytes() == before
 
 
@@ -67,7 +69,8 @@ def test_device_and_dtype_the_machine_cannot_do(data_dir, tmp_path):
         p = run("train.py", *train_args(data_dir, tmp_path), "--device=cuda")
         assert_clear_error(p, "--device='cuda' is not available on this machine",
                            "devices here: cpu")
-    p = run("train.py", *train_args(data_dir, tmp_path, "--device=cpu", "--dtype=float16", "--max_iters=2"))
+    p = run("train.py", *train_args(data_dir, tmp_path, "--device=cpu", "--dtype=float16",
+                                    "--max_iters=2"))
     assert p.returncode == 0 and "falling back to float32" in p.stderr  # documented fallback
     p = run("train.py", *train_args(data_dir, tmp_path, "--dtype=fp8"))
     assert_clear_error(p, "float32 | bfloat16 | float16")
@@ -142,7 +145,8 @@ def check_intact(out):
 
 def test_kill_at_random_moments_then_resume(data_dir, tmp_path):
     out = tmp_path / "run"
-    args = train_args(data_dir, out, "--max_iters=30", "--eval_interval=3", "--n_embd=128", "--n_head=4")
+    args = train_args(data_dir, out, "--max_iters=30", "--eval_interval=3", "--n_embd=128",
+                      "--n_head=4")
     rng = random.Random(0)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for attempt in range(6):
@@ -157,7 +161,8 @@ def test_kill_at_random_moments_then_resume(data_dir, tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         check_intact(out)
-    p = run("train.py", *args, *(["--init_from=resume"] if (out / "ckpt.pt").exists() else []), env=env)
+    resume = ["--init_from=resume"] if (out / "ckpt.pt").exists() else []
+    p = run("train.py", *args, *resume, env=env)
     assert p.returncode == 0, p.stderr[-2000:]
     assert [e["iter"] for e in read_log(out)] == list(range(0, 31, 3))
 
@@ -165,7 +170,8 @@ def test_kill_at_random_moments_then_resume(data_dir, tmp_path):
 def test_same_seed_same_losses(data_dir, tmp_path):
     from train import main
     for name in ("a", "b"):
-        main(train_args(data_dir, tmp_path / name, "--max_iters=6", "--eval_interval=3", "--dropout=0.1"))
+        main(train_args(data_dir, tmp_path / name, "--max_iters=6", "--eval_interval=3",
+                        "--dropout=0.1"))
     a, b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
     assert [e["val_loop_ce"] for e in a] == [e["val_loop_ce"] for e in b]
 
@@ -191,7 +197,8 @@ def test_skip_nonfinite_counts_skipped_steps(data_dir, tmp_path, monkeypatch):
                 loss = loss * float("nan")
         return logits, loss, stats
     monkeypatch.setattr(model_module.LoopedGPT, "forward", flaky)
-    main(train_args(data_dir, tmp_path, "--max_iters=6", "--eval_interval=6", "--skip_nonfinite=True"))
+    main(train_args(data_dir, tmp_path, "--max_iters=6", "--eval_interval=6",
+                    "--skip_nonfinite=True"))
     last = read_log(tmp_path)[-1]
     assert last["skipped_steps"] == 1 and all(map(math.isfinite, last["val_loop_ce"]))
 

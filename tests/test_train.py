@@ -67,7 +67,8 @@ def test_train_writes_log_with_per_loop_values(data_dir, tmp_path):
 
 def test_resume_continues_and_matches_uninterrupted_run(data_dir, tmp_path):
     from train import main
-    common = TINY + [f"--data_dir={data_dir}", "--dataset=tiny_char", "--eval_interval=4", "--dropout=0.1"]
+    common = TINY + [f"--data_dir={data_dir}", "--dataset=tiny_char", "--eval_interval=4",
+                     "--dropout=0.1"]
     main(common + [f"--out_dir={tmp_path / 'full'}", "--max_iters=12"])
     main(common + [f"--out_dir={tmp_path / 'cut'}", "--max_iters=8"])
     main(["--init_from=resume", f"--out_dir={tmp_path / 'cut'}", f"--data_dir={data_dir}",
@@ -82,7 +83,8 @@ def test_resume_continues_and_matches_uninterrupted_run(data_dir, tmp_path):
 def test_ddp_two_processes_gloo(data_dir, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train.py"), *TINY, "--device=cpu", "--max_iters=5", "--eval_interval=5",
+           os.path.join(ROOT, "train.py"), *TINY, "--device=cpu", "--max_iters=5",
+           "--eval_interval=5",
            f"--data_dir={data_dir}", "--dataset=tiny_char", f"--out_dir={tmp_path}"]
     import subprocess
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
@@ -103,7 +105,8 @@ def test_ddp_two_processes_gloo(data_dir, tmp_path):
     (["--init_from=pretrained"], "scratch | resume"),
 ])
 def test_bad_flags_are_one_clear_line(args, words, data_dir, tmp_path):
-    p = run("train.py", *args, f"--data_dir={data_dir}", "--dataset=tiny_char", f"--out_dir={tmp_path}")
+    p = run("train.py", *args, f"--data_dir={data_dir}", "--dataset=tiny_char",
+            f"--out_dir={tmp_path}")
     assert p.returncode != 0 and words in p.stderr, p.stderr
     assert "Traceback" not in p.stderr
 
