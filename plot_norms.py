@@ -129,7 +129,6 @@ def plot(runs, out):
             cal = ev["halting"][a["exit_unit"]][a["policy"]]
             ax[1, 1].plot(a["mean_loops"], a["ppl"], ".-", color=c)
             ax[1, 1].plot([cal["mean_loops"]], [cal["ppl"]], "*", color=c, markersize=12)
-            policy = a["policy"]
         else:
             ppl = [math.exp(x) for x in log[-1]["val_loop_ce"]]
             ax[1, 0].plot(range(1, len(ppl) + 1), ppl, "o-", color=c)
@@ -144,7 +143,8 @@ def plot(runs, out):
                  title="hidden norm per loop, end of training")
     ax[1, 0].set(xlabel="exit depth k (big dot: trained K)", ylabel="val PPL",
                  title="perplexity at each exit depth")
-    sweep = f"adaptive exit ({policy})" if any(ev for _, ev in runs.values()) else "adaptive exit"
+    policies = sorted({ev["adaptive"]["policy"] for _, ev in runs.values() if ev})
+    sweep = f"adaptive exit ({', '.join(policies)})" if policies else "adaptive exit"
     ax[1, 1].set(xlabel="mean loops used", ylabel="held-out val PPL",
                  title=f"{sweep}; star: calibrated halting")
     if diag:
