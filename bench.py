@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from configurator import DEVICE, at_least, check, error, parse, pick_device, pick_dtype
-from configurator import read_preset
+from configurator import keep_freed_memory, read_preset
 from model import LoopedGPT, LoopedGPTConfig
 from sample import generate
 from train import OPTIONS as TRAIN_OPTIONS
@@ -319,6 +319,7 @@ def report(results, vocab, peak_flops):
 def main(argv=None):
     cfg, _ = parse("bench.py", OPTIONS, argv, __doc__, together=together)
     device = pick_device(cfg.device)
+    keep_freed_memory()
     dtype = pick_dtype(device, cfg.dtype)
     kind = device.split(":")[0]
     if kind == "cuda":

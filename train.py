@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from configurator import DEVICE, NONEMPTY, at_least, between, check, one_of, parse, pick_device
-from configurator import pick_dtype
+from configurator import keep_freed_memory, pick_dtype
 from model import READOUT_CES, READOUTS, SUPERVISIONS, LoopedGPT, LoopedGPTConfig
 
 POSITIVE = check("a number > 0", lambda v: v > 0, [0.0, -1.0])
@@ -287,6 +287,7 @@ def main(argv=None):
         if cfg.device == "auto" and torch.cuda.is_available():
             cfg.device = f"cuda:{local_rank}"
     cfg.device = pick_device(cfg.device)
+    keep_freed_memory()
     dev = cfg.device.split(":")[0]
     cfg.dtype = pick_dtype(cfg.device, cfg.dtype)
     cfg.compile = dev == "cuda" if cfg.compile == "auto" else cfg.compile == "True"
