@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from configurator import DEVICE, NONEMPTY, at_least, check, one_of, parse, pick_device
+from configurator import keep_freed_memory
 from model import EXIT_POLICIES, exit_score, exits, strict_to_loose
 from prepare import load_tokenizer
 from train import atomic_write_text, die, eval_seed, get_batch, load_checkpoint, load_data
@@ -66,14 +67,19 @@ def together(cfg, explicit):
 
 
 @torch.no_grad()
-def collect(model, batches, max_depth):
+def collect(model, batches, max_depth, states=None):
     """Per exit depth k = 1..max_depth, per sequence and position: CE [D, S, T] and each
-    policy's score [D, S, T]."""
+    policy's score [D, S, T]. `states`: the batches' first loop states when already computed
+    (all_states); the loops after them continue from the last one."""
     ce = []
     scores = {p: [] for p in EXIT_POLICIES}
-    for x, y in tqdm(batches, desc="eval", unit="batch", leave=False):
-        states = model.loop_states(x, max_depth)
-        logits = [model.readout(h, k).float() for k, h in enumerate(states, start=1)]
+    for i, (x, y) in enumerate(tqdm(batches, desc="eval", unit="batch", leave=False)):
+        hs = list(states[i][:max_depth]) if states else []
+        h = hs[-1] if hs else model.embed(x)
+        for k in range(len(hs) + 1, max_depth + 1):
+            h = model.loop(h, k)
+            hs.append(h)
+        logits = [model.readout(h, k).float() for k, h in enumerate(hs, start=1)]
         ce.append(torch.stack([F.cross_entropy(lg.transpose(1, 2), y, reduction="none")
                                for lg in logits]))
         for p in EXIT_POLICIES:
@@ -154,13 +160,14 @@ def split_batches(data, n, batch_size, block_size, device):
     return cal, held, data[half:]
 
 
-def evaluate(model, batches, cal_batches, held_batches, cfg, held_data, decode=None):
-    """Per-depth PPL on `batches`; halting calibrated on `cal_batches`, reported on
-    `held_batches` for both exit units and every policy; the sweep on the held-out batches;
-    the depth map of the start of `held_data`."""
+def evaluate(model, batches, cal_batches, held_batches, cfg, held_data, decode=None,
+             states=None):
+    """Per-depth PPL on `batches` (whose first loop states may be given); halting calibrated on
+    `cal_batches`, reported on `held_batches` for both exit units and every policy; the sweep on
+    the held-out batches; the depth map of the start of `held_data`."""
     K = model.config.n_loops
     max_depth = cfg.max_depth or 2 * K
-    ce, _ = collect(model, batches, max_depth)
+    ce, _ = collect(model, batches, max_depth, states)
     mean_ce = ce.flatten(1).mean(dim=1).tolist()
     out = {"n_loops": K, "n_tokens": ce[0].numel(),
            "per_depth": {"k": list(range(1, max_depth + 1)), "ce": mean_ce,
@@ -383,6 +390,7 @@ def print_diagnostics(out, K):
 def main(argv=None):
     cfg, _ = parse("eval.py", OPTIONS, argv, __doc__, together=together)
     device = pick_device(cfg.device)
+    keep_freed_memory()
     ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
     model = model_from_checkpoint(ckpt, device)
     run = ckpt["config"]
@@ -397,19 +405,18 @@ def main(argv=None):
         with open(path) as f:
             out = json.load(f)
     K = model.config.n_loops
+    # loops 1..K of the batches, computed once for the diagnostics and the per-depth pass
+    shared = all_states(model, batches) if cfg.run in DIAGNOSTICS + ("all",) else None
     if cfg.run in ("depth", "all"):
         cal, held, held_data = split_batches(data["val"], cfg.eval_iters, bsz, run["block_size"],
                                              device)
-        out.update(evaluate(model, batches, cal, held, cfg, held_data, decode))
+        out.update(evaluate(model, batches, cal, held, cfg, held_data, decode, shared))
     if cfg.run in ("lens", "all"):
         try:
             ids = encode(cfg.start)[-run["block_size"]:]
         except ValueError as e:
             die(f"--start={cfg.start!r} cannot be encoded by this run's tokenizer: {e}")
         out["lens"] = lens(model, ids, decode)
-    shared = None
-    if cfg.run in DIAGNOSTICS + ("all",):
-        shared = all_states(model, batches)
     for name in DIAGNOSTICS:
         if cfg.run in (name, "all"):
             out[name] = globals()[name](model, batches, shared)

@@ -37,8 +37,10 @@ one loop_norm_lr3e-3 --loop_norm=True --learning_rate=3e-3 "$@" & a=$!
 one rmsnorm_lr3e-3 --learning_rate=3e-3 "$@" & b=$!
 wait $a && wait $b
 runs=(rmsnorm scale_visible final_only penalty loop_norm_lr3e-3 rmsnorm_lr3e-3)
-python plot_norms.py "${runs[@]/#/$OUT/}" --out="$OUT/blind_spot.png" | tee "$OUT/table.txt"
+# the fixes figure and depth map on one core, the table, main figure and claims on the other
 python plot_norms.py "$OUT/rmsnorm" "$OUT/scale_visible" "$OUT/penalty" --out="$OUT/fixes.png" \
-  --depth_map="$OUT/depth_map.png" > /dev/null
+  --depth_map="$OUT/depth_map.png" > /dev/null & figures=$!
+python plot_norms.py "${runs[@]/#/$OUT/}" --out="$OUT/blind_spot.png" | tee "$OUT/table.txt"
 python experiments.py --run=claims --out_dir="$OUT" | tee "$OUT/claims.txt"
+wait $figures
 echo "total wall time: $(( $(date +%s) - start )) s" | tee -a "$OUT/table.txt"

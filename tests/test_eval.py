@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import torch
 
 from conftest import run
-from eval import adaptive_exit, calibrate, collect, evaluate, exit_loops, halting, lens
+from eval import adaptive_exit, all_states, calibrate, collect, evaluate, exit_loops, halting
+from eval import lens
 from eval import split_batches
 from prepare import load_tokenizer
 from train import eval_seed, get_batch, load_checkpoint, load_data, model_from_checkpoint
@@ -51,6 +52,19 @@ def test_per_depth_at_K_equals_models_own_val_ce(tiny_runs, data_dir):
     for unit in out["halting"].values():
         assert set(unit) == {"max_prob", "logit_margin", "entropy"}
         assert all(1 <= h["mean_loops"] <= K for h in unit.values())
+
+
+def test_collect_continues_from_given_states_exactly(tiny_runs, data_dir):
+    """eval.py --run=all reuses the diagnostics' loops 1..K for the per-depth pass: the CEs and
+    scores at every depth, below, at and beyond K, are those of a pass from the embeddings."""
+    model, batches = val_batches(tiny_runs["rmsnorm"], data_dir)
+    K = model.config.n_loops
+    shared = all_states(model, batches)
+    for depth in (K - 1, K, 2 * K):
+        ce, scores = collect(model, batches, depth)
+        ce_shared, scores_shared = collect(model, batches, depth, shared)
+        assert ce.shape[0] == depth and torch.equal(ce, ce_shared)
+        assert all(torch.equal(scores[p], scores_shared[p]) for p in scores)
 
 
 def test_adaptive_exit_extremes(tiny_runs, data_dir):
