@@ -1,12 +1,12 @@
 """
 Measure training and generation speed and memory of the looped model, all in one run.
 
-  python bench.py                                        # CPU: both vocabularies (~4 min)
+  python bench.py                                        # CPU: both vocabularies (~6 min)
   python bench.py --preset=config/paper_44m.py --vocab=gpt2 --compile=True   # a GPU
 
 Sizes come from train.py's defaults (n_layer 2, n_head 4, n_embd 128, batch 8) or a --preset
 file, with the bench's own K=4 and sequence 256. For each vocabulary (GPT-2's 50,257 tokens and
-Shakespeare's 69 characters) it times training steps (forward + backward + AdamW, median after
+Shakespeare's 69 characters) it times training steps (forward + backward + AdamW, fastest after
 warm-up) of:
   terminal     the looped model, loss on the last loop only
   dense        the same with dense per-loop loss (readout_ce auto: chunked at GPT-2's vocab)

@@ -4,7 +4,7 @@
 # loop norm, which diverges in scale at 6e-3 and so runs at lr 3e-3 beside an rmsnorm baseline
 # at the same lr. eval.py --run=all on each (per-depth PPL, halting, depth map, logit lens,
 # diagnostics), then the figure, the depth map, the table and the claims table. Two runs at a
-# time, one thread each: about 10 minutes on 2 cores.
+# time, one thread each: about 11 minutes on 2 cores.
 #   bash reproduce.sh [out_folder] [extra train.py flags...]     (default folder: out/repro)
 set -euo pipefail
 cd "$(dirname "$0")"
