@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from configurator import DEVICE, NONEMPTY, at_least, check, one_of, parse, pick_device
-from configurator import keep_freed_memory
+from configurator import error, keep_freed_memory
 from model import EXIT_POLICIES, exit_score, exits, strict_to_loose
 from prepare import load_tokenizer
 from train import atomic_write_text, die, eval_seed, get_batch, load_checkpoint, load_data
@@ -45,7 +45,7 @@ OPTIONS = {
     "eval_iters": (20, "validation batches per set (per-depth, calibration, held-out)",
                    at_least(1)),
     "batch_size": (0, "sequences per batch (0 = the run's batch_size)", at_least(0)),
-    "max_depth": (0, "deepest exit evaluated (0 = 2K)", at_least(0)),
+    "max_depth": (0, "deepest exit evaluated: 0 (= 2K) or at least the run's K", at_least(0)),
     "n_thresholds": (25, "points in each adaptive-exit sweep", at_least(2)),
     "target": (1.01, "calibrated halting: allowed PPL relative to full depth", at_least(1.0)),
     "policy": ("logit_margin", "exit policy of the sweep and the depth map (paper: logit_margin)",
@@ -394,6 +394,10 @@ def main(argv=None):
     ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
     model = model_from_checkpoint(ckpt, device)
     run = ckpt["config"]
+    K = model.config.n_loops
+    if 0 < cfg.max_depth < K and cfg.run in ("depth", "all"):  # full depth is the reference
+        error(f"--max_depth={cfg.max_depth} is invalid for this run; accepted: 0 (= 2K) or at "
+              f"least its K={K} loops")
     data, meta = load_data(cfg.data_dir, run["dataset"], run["block_size"])
     encode, decode = load_tokenizer(meta)
     bsz = cfg.batch_size or run["batch_size"]
@@ -404,7 +408,6 @@ def main(argv=None):
     if os.path.isfile(path) and cfg.run != "depth":  # a diagnostic adds its key to the file
         with open(path) as f:
             out = json.load(f)
-    K = model.config.n_loops
     # loops 1..K of the batches, computed once for the diagnostics and the per-depth pass
     shared = all_states(model, batches) if cfg.run in DIAGNOSTICS + ("all",) else None
     if cfg.run in ("depth", "all"):

@@ -131,7 +131,9 @@ def test_options_that_only_make_sense_together(workdir, capsys):
             (sample, ["--exit_threshold=0.5"], "--exit_threshold needs --exit_policy"),
             (train, ["--lr_schedule=cosine", "--min_lr=0.1", "--learning_rate=0.01"],
              "--min_lr=0.1 is above --learning_rate=0.01"),
-            (eval_script, ["--start=ROMEO:"], "--start is the prompt of --run=lens")):
+            (eval_script, ["--start=ROMEO:"], "--start is the prompt of --run=lens"),
+            (eval_script, ["--max_depth=2"], "--max_depth=2 is invalid for this run; accepted: "
+                                             "0 (= 2K) or at least its K=3 loops")):
         with pytest.raises(SystemExit) as e:
             module.main([f"--out_dir={workdir / 'run'}", *args])
         assert e.value.code == 2 and words in capsys.readouterr().err
