@@ -36,8 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configurator import DEVICE, at_least, check, error, parse, pick_device, pick_dtype
-from configurator import keep_freed_memory, read_preset
+from configurator import DEVICE, at_least, check, device_or_exit, error, parse, read_preset
+from device import keep_freed_memory, pick_dtype
 from model import LoopedGPT, LoopedGPTConfig
 from sample import generate
 from train import OPTIONS as TRAIN_OPTIONS
@@ -318,7 +318,7 @@ def report(results, vocab, peak_flops):
 
 def main(argv=None):
     cfg, _ = parse("bench.py", OPTIONS, argv, __doc__, together=together)
-    device = pick_device(cfg.device)
+    device = device_or_exit(cfg.device)
     keep_freed_memory()
     dtype = pick_dtype(device, cfg.dtype)
     kind = device.split(":")[0]

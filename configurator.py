@@ -1,5 +1,5 @@
 """
-Options for every script, in nanoGPT's style, and the device rules they share.
+Options for every script, in nanoGPT's style.
 
   python train.py config/paper_44m.py --readout=scale_visible --max_iters=2000
 
@@ -12,20 +12,20 @@ with one line on stderr that names the flag, the value and what is accepted, and
 """
 
 import argparse
-import ctypes
 import difflib
 import math
 import os
-import re
 import sys
 from types import SimpleNamespace
+
+from device import DEVICE_RE, pick_device
 
 
 class Accepts:
     """What an option accepts: `text` (shown in --help and errors), `test(value) -> bool`, and
     `refused`, a few values it turns down (examples for the tests)."""
 
-    def __init__(self, text, test, refused):
+    def __init__(self, text, test, refused=()):
         self.text = text
         self.test = test
         self.refused = list(refused)
@@ -52,13 +52,21 @@ def between(lo, hi, open_lo=False, open_hi=False):
     return Accepts(text, test, [lo - 1, hi + 1])
 
 
-def check(text, test, refused):
+def check(text, test, refused=()):
     """Any other rule: a predicate, said in words."""
     return Accepts(text, test, refused)
 
 
+def config_options(config_class, skip=()):
+    """OPTIONS rows for the fields of a dataclass whose fields carry model.knob metadata, so a
+    model knob is declared once, in model.py, and appears in --help and the checks."""
+    from dataclasses import fields
+    return {f.name: (f.default, f.metadata["about"], check(f.metadata["accepted"],
+                                                          f.metadata["ok"]))
+            for f in fields(config_class) if f.name not in skip}
+
+
 NONEMPTY = check("a non-empty path", lambda v: v != "", [""])
-DEVICE_RE = re.compile(r"auto|cpu|cuda|cuda:\d+|mps")
 DEVICE = check("auto | cpu | cuda | cuda:N | mps (one this machine has)",
                lambda v: DEVICE_RE.fullmatch(v) is not None, ["tpu", "cuda:x"])
 
@@ -154,8 +162,8 @@ def parse(prog, options, argv=None, description="", positional=None, together=No
         if msg:
             error(msg)
     cfg = SimpleNamespace(**values)
-    if "device" in options:
-        pick_device(cfg.device)  # a device this machine lacks is bad input too
+    if "device" in options:  # a device this machine lacks is bad input too
+        device_or_exit(cfg.device)
     msg = together(cfg, explicit) if together else None
     if msg:
         error(msg)
@@ -186,60 +194,9 @@ def read_preset(path, options):
     return values
 
 
-# ---- the machine: devices, dtypes, memory ------------------------------------------------
-
-def devices_here():
-    import torch
-    here = ["cpu"]
-    if torch.cuda.is_available():
-        here += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    if torch.backends.mps.is_available():
-        here.append("mps")
-    return here
-
-
-def pick_device(name):
-    """'auto' is CUDA, then Apple's MPS, then the CPU; a named device must exist here."""
-    here = devices_here()
-    if name == "auto":
-        return next(d for d in ("cuda", "mps", "cpu") if d in here)
-    if name not in here:
-        error(f"--device={name!r} is not available on this machine; devices here: "
-              f"{', '.join(here)}")
-    return name
-
-
-def pick_dtype(device, name):
-    """'auto' is bfloat16 on a CUDA GPU that has it, else float32. A dtype the device cannot run
-    falls back, with a warning: bfloat16 -> float16 on old GPUs; float16 -> float32 off CUDA."""
-    import torch
-    kind = device.split(":")[0]
-    bf16 = kind == "cpu" or (kind == "cuda" and torch.cuda.is_bf16_supported()) or (
-        kind == "mps" and torch.backends.mps.is_macos_or_newer(14, 0))
-    if name == "auto":
-        return "bfloat16" if kind == "cuda" and bf16 else "float32"
-    if name == "bfloat16" and not bf16:
-        fallback = "float16" if kind == "cuda" else "float32"
-        print(f"warning: {device} has no bfloat16; falling back to {fallback}", file=sys.stderr)
-        return fallback
-    if name == "float16" and kind != "cuda":
-        print(f"warning: float16 autocast is not supported on {kind}; falling back to float32",
-              file=sys.stderr)
-        return "float32"
-    return name
-
-
-def keep_freed_memory():
-    """Let the process reuse the memory it frees, on Linux with glibc; elsewhere do nothing.
-    glibc hands freed blocks of a few MB (a [B, T, 4C] activation) back to the OS and page-faults
-    fresh, zeroed pages in at the next allocation: 3,000-4,000 faults a CPU training step. Keeping
-    them measured 327 -> 311 ms per default CPU step and 135 -> 95 ms per evaluation forward."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # another C library (musl): leave it as it is
-        return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
-    mallopt(M_MMAP_THRESHOLD, 32 << 20)  # blocks under 32 MB come from the reusable heap
-    mallopt(M_TRIM_THRESHOLD, 1 << 30)  # and free heap is kept, up to 1 GB
+def device_or_exit(name):
+    """The device --device names (auto resolved), or the one-line error for a missing one."""
+    device, why = pick_device(name)
+    if why:
+        error(why)
+    return device

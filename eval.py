@@ -29,12 +29,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from configurator import DEVICE, NONEMPTY, at_least, check, one_of, parse, pick_device
-from configurator import error, keep_freed_memory
+from configurator import DEVICE, NONEMPTY, at_least, check, device_or_exit, error, one_of, parse
+from device import keep_freed_memory
 from model import EXIT_POLICIES, exit_score, exits, strict_to_loose
 from prepare import load_tokenizer
-from train import atomic_write_text, die, eval_seed, get_batch, load_checkpoint, load_data
-from train import model_from_checkpoint
+from rundir import atomic_write_text, die, eval_seed, get_batch, load_checkpoint, load_data
+from rundir import model_from_checkpoint
 
 DIAGNOSTICS = ("lemma1", "decomposition", "clamp", "scale", "spread")
 RUNS = ("depth", "lens") + DIAGNOSTICS + ("all",)
@@ -389,7 +389,7 @@ def print_diagnostics(out, K):
 
 def main(argv=None):
     cfg, _ = parse("eval.py", OPTIONS, argv, __doc__, together=together)
-    device = pick_device(cfg.device)
+    device = device_or_exit(cfg.device)
     keep_freed_memory()
     ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
     model = model_from_checkpoint(ckpt, device)

@@ -23,7 +23,7 @@ import torch
 
 from configurator import NONEMPTY, at_least, check, one_of, parse
 from plot_norms import condition, load_run
-from train import atomic_write_text
+from rundir import atomic_write_text
 
 # the paper's Table 1: (supervision, readout, norm_penalty)
 CONDITIONS = [("terminal", "rmsnorm", 0.0), ("terminal", "scale_visible", 0.0),

@@ -9,69 +9,120 @@ The blind spot: a scale-invariant readout (RMSNorm) gives the same logits for h 
 gradient of the loss is orthogonal to h_k and nothing in the loss controls ||h_k||. Meanwhile
 every pre-norm residual layer adds to h, so the norm grows loop after loop (see `readout`).
 
-The four knobs of the paper (LoopedGPTConfig):
-  readout       "rmsnorm": lm_head(RMSNorm(h)) at every loop, scale-invariant (the blind spot).
-                "scale_visible": lm_head(h), the loss sees the scale (fix 1).
-                "final_only": scale-visible at loops k < K, RMSNorm at the last loop K.
-  norm_penalty  lambda > 0 adds lambda * mean_k mean(h_k^2) to the loss (fix 2).
-  loop_norm     RMSNorm the state between loops: scale-removing recurrence (fix 3).
-  supervision   "per_loop": mean of the K cross-entropies (dense); "terminal": last loop only.
+The paper's four knobs, each described once below (READOUTS, SUPERVISIONS, LoopedGPTConfig):
+  readout       how h_k is decoded: through RMSNorm (scale hidden: the blind spot) or not (fix 1)
+  supervision   which exits the loss trains: all K (dense) or the last one
+  norm_penalty  lambda > 0 adds lambda * mean_k mean(h_k^2) to the loss (fix 2)
+  loop_norm     RMSNorm the state between loops: scale-removing recurrence (fix 3)
 
-Read in order: LoopedGPTConfig, Layer, LoopedGPT.loop / loop_states, LoopedGPT.readout (the
-blind spot), LoopedGPT.forward (the losses). After the mechanism: the early-exit scores that
-eval.py and sample.py use, and a memory-lean cross-entropy for large vocabularies.
+Read in order: READOUTS and SUPERVISIONS, LoopedGPTConfig, Layer, LoopedGPT.loop / loop_states,
+LoopedGPT.readout (the blind spot), LoopedGPT.forward (the losses). After the mechanism: the
+early-exit scores that eval.py and sample.py use, and a memory-lean cross-entropy for large
+vocabularies.
 """
 
 import math
-from dataclasses import dataclass
+from collections import namedtuple
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-READOUTS = ("rmsnorm", "scale_visible", "final_only")
-SUPERVISIONS = ("per_loop", "terminal")
+# ---- the readouts and supervisions, each described once -----------------------------------
+# Every script, label and test reads these tables; adding a readout or a supervision is one
+# entry here. `loop` runs from 1 and may exceed K (eval.py decodes loops K+1..2K, sample.py
+# runs any --n_loops), so each rule must say what it does there.
+
+Readout = namedtuple("Readout", "about hides_scale")
+READOUTS = {
+    # hides_scale(loop, K): does the LM head see RMSNorm(h_loop), which is blind to ||h||?
+    "rmsnorm": Readout("lm_head(RMSNorm(h)) at every loop: scale-invariant, the blind spot",
+                       lambda loop, K: True),
+    "scale_visible": Readout("lm_head(h) at every loop: the loss sees the scale (fix 1)",
+                             lambda loop, K: False),
+    "final_only": Readout("scale-visible at every loop but the trained last one, K, which is "
+                          "RMSNorm'd", lambda loop, K: loop == K),
+}
+
+Supervision = namedtuple("Supervision", "about weight")
+SUPERVISIONS = {
+    # weight(loop, K): this exit's share of the loss; 0 = measured, never trained or decoded in a
+    # training step. The loss is sum_k weight_k * CE_k / sum_k weight_k.
+    "per_loop": Supervision("dense: the mean of the K exits' cross-entropies",
+                            lambda loop, K: 1.0),
+    "terminal": Supervision("the last loop's cross-entropy only",
+                            lambda loop, K: float(loop == K)),
+}
+
 READOUT_CES = ("auto", "chunked", "plain")
+
+
+def knob(default, about, accepted, ok):
+    """A config field with its one-line help, the accepted values in words and their check.
+    train.py's --help, its checks and its banner are built from these."""
+    return field(default=default, metadata={"about": about, "accepted": accepted, "ok": ok})
+
+
+def _positive_int(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _names(table):
+    return " | ".join(table)
 
 
 @dataclass
 class LoopedGPTConfig:
-    vocab_size: int = 50304
-    block_size: int = 256
-    n_layer: int = 8           # layers in the block that is looped
-    n_head: int = 8
-    n_embd: int = 512
-    n_loops: int = 4           # K: how many times the block is applied
-    readout: str = "rmsnorm"   # "rmsnorm" | "scale_visible" | "final_only"
-    loop_norm: bool = False    # RMSNorm the state between loops
-    supervision: str = "per_loop"  # "per_loop" | "terminal"
-    norm_penalty: float = 0.0  # lambda of the explicit norm penalty
-    dropout: float = 0.0
-    bias: bool = False
-    # How the CE of loops k < K is computed: "chunked" recomputes the logits in backward
-    # instead of keeping K [B, T, V] tensors (ChunkedReadoutCE); "plain" is ordinary autograd;
-    # "auto" is chunked for vocabularies of 8192 and more, where those tensors dominate memory.
-    readout_ce: str = "auto"
+    # The defaults are the paper's 44M model (config/ holds the presets).
+    vocab_size: int = knob(50304, "tokens in the vocabulary (train.py takes it from the data)",
+                           "an integer >= 1", _positive_int)
+    block_size: int = knob(256, "sequence length (positions)", "an integer >= 1", _positive_int)
+    n_layer: int = knob(8, "layers in the block that is looped", "an integer >= 1",
+                        _positive_int)
+    n_head: int = knob(8, "attention heads", "an integer >= 1", _positive_int)
+    n_embd: int = knob(512, "width of the hidden state h_k (a multiple of n_head)",
+                       "an integer >= 1", _positive_int)
+    n_loops: int = knob(4, "K: how many times the block is applied", "an integer >= 1",
+                        _positive_int)
+    readout: str = knob("rmsnorm", "how h_k is decoded (rmsnorm: the blind spot)",
+                        _names(READOUTS), lambda v: v in READOUTS)
+    loop_norm: bool = knob(False, "RMSNorm the state between loops (scale-removing recurrence)",
+                           "True | False", lambda v: isinstance(v, bool))
+    supervision: str = knob("per_loop", "which exits the loss trains: per_loop (dense: the mean "
+                            "of the K CEs) or terminal (the last)", _names(SUPERVISIONS),
+                            lambda v: v in SUPERVISIONS)
+    norm_penalty: float = knob(0.0, "lambda: adds lambda * mean_k mean(h_k^2) to the loss "
+                               "(paper: 0.01)", "a finite number >= 0",
+                               lambda v: 0 <= v < math.inf)  # NaN fails both comparisons
+    dropout: float = knob(0.0, "dropout rate (paper: 0.1)", "a number in [0, 1)",
+                          lambda v: 0 <= v < 1)
+    bias: bool = knob(False, "biases in Linear layers", "True | False",
+                      lambda v: isinstance(v, bool))
+    # "chunked" never keeps an exit's [B, T, V] logits (ChunkedReadoutCE); "plain" is ordinary
+    # autograd; "auto" is chunked for vocabularies of 8192 and more, where those dominate memory
+    readout_ce: str = knob("auto", "CE of loops < K: chunked (memory-lean), plain, or auto "
+                           "(chunked for vocabularies >= 8192)", " | ".join(READOUT_CES),
+                           lambda v: v in READOUT_CES)
 
     def __post_init__(self):
-        def bad(field, accepted):
-            value = getattr(self, field)
-            raise ValueError(f"LoopedGPTConfig.{field}={value!r} is invalid; accepted: {accepted}")
-
-        for field, names in (("readout", READOUTS), ("supervision", SUPERVISIONS),
-                             ("readout_ce", READOUT_CES)):
-            if getattr(self, field) not in names:
-                bad(field, " | ".join(names))
-        for field in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_loops"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                bad(field, "a positive integer")
-        if not self.norm_penalty >= 0 or math.isinf(self.norm_penalty):  # `not >=` catches NaN
-            bad("norm_penalty", "a finite number >= 0")
-        if not 0 <= self.dropout < 1:
-            bad("dropout", "a number in [0, 1)")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            try:
+                ok = f.metadata["ok"](value)
+            except TypeError:  # a string where a number belongs, say
+                ok = False
+            if not ok:
+                raise ValueError(f"LoopedGPTConfig.{f.name}={value!r} is invalid; accepted: "
+                                 f"{f.metadata['accepted']}")
         if self.n_embd % self.n_head:
-            bad("n_embd", f"a multiple of n_head={self.n_head}")
+            raise ValueError(f"LoopedGPTConfig.n_embd={self.n_embd} is invalid; accepted: a "
+                             f"multiple of n_head={self.n_head}")
+
+    def trained_loops(self):
+        """The exits the loss trains, 1..K (the others are only measured)."""
+        weight = SUPERVISIONS[self.supervision].weight
+        return [k for k in range(1, self.n_loops + 1) if weight(k, self.n_loops) > 0]
 
 
 # ---- the block of layers that every loop applies -------------------------------------------
@@ -138,7 +189,10 @@ class LoopedGPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.block = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_layer))  # shared by all loops
         # Only the modules a configuration uses exist: no parameter that nothing trains.
-        self.ln_f = nn.RMSNorm(cfg.n_embd) if cfg.readout != "scale_visible" else None
+        hides_scale = READOUTS[cfg.readout].hides_scale
+        self.ln_f = None
+        if any(hides_scale(k, cfg.n_loops) for k in range(1, cfg.n_loops + 1)):
+            self.ln_f = nn.RMSNorm(cfg.n_embd)
         self.loop_rmsnorm = None
         if cfg.loop_norm:  # no gain: the point is to remove the scale, not to learn one
             self.loop_rmsnorm = nn.RMSNorm(cfg.n_embd, elementwise_affine=False)
@@ -201,30 +255,34 @@ class LoopedGPT(nn.Module):
     def readout_input(self, h, loop):
         """What the LM head sees at this loop: RMSNorm(h) (scale hidden) or h (scale visible)."""
         cfg = self.config
-        hides_scale = cfg.readout == "rmsnorm" or (
-            cfg.readout == "final_only" and loop == cfg.n_loops)
+        hides_scale = READOUTS[cfg.readout].hides_scale(loop, cfg.n_loops)
         return self.ln_f(h) if hides_scale else h
 
-    def forward(self, idx, targets=None, n_loops=None, all_exits=True):
+    def forward(self, idx, targets=None, n_loops=None, all_exits=None):
         """Run n_loops loops (default K). Returns (logits, loss, stats):
         logits  the last loop's readout, [B, T, V] with targets, [B, 1, V] (last position) without
-        loss    per_loop: mean_k CE_k; terminal: CE_K; plus norm_penalty * mean_k mean(h_k^2)
+        loss    sum_k w_k CE_k / sum_k w_k, the supervision's weights w_k (per_loop: mean_k CE_k;
+                terminal: CE_K), plus norm_penalty * mean_k mean(h_k^2)
         stats   detached, one entry per loop: hidden_norm (mean per-token ||h_k||) and loop_ce.
-        all_exits=False skips decoding the loops the loss does not train (terminal supervision):
-        their loop_ce is NaN. Training steps use it; evaluation decodes every exit."""
+        all_exits: decode every exit, also those the loss does not train. Default: only in eval
+        mode; a training step skips them (their loop_ce is NaN), so it pays only for what it
+        trains."""
         cfg = self.config
         K = n_loops or cfg.n_loops
+        if all_exits is None:
+            all_exits = not self.training
         states = self.loop_states(idx, K)
         with torch.no_grad():
             stats = {"hidden_norm": torch.stack([h.norm(dim=-1).mean() for h in states])}
         if targets is None:  # inference: only the last position of the last loop is decoded
             return self.readout(states[-1][:, [-1], :], K), None, stats
 
+        weights = [SUPERVISIONS[cfg.supervision].weight(k, K) for k in range(1, K + 1)]
         ces = []
         for k, h in enumerate(states[:-1], start=1):
-            if cfg.supervision == "per_loop":
+            if weights[k - 1] > 0:
                 ces.append(self.early_exit_ce(h, k, targets))
-            elif all_exits:  # terminal: measured, not trained
+            elif all_exits:  # measured, not trained
                 with torch.no_grad():
                     ces.append(self.early_exit_ce(h, k, targets))
             else:
@@ -232,7 +290,7 @@ class LoopedGPT(nn.Module):
         logits = self.readout(states[-1], K)  # returned to the caller, so kept anyway
         ces.append(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1))
 
-        loss = torch.stack(ces).mean() if cfg.supervision == "per_loop" else ces[-1]
+        loss = sum(w * ce for w, ce in zip(weights, ces) if w > 0) / sum(weights)
         if cfg.norm_penalty > 0:  # fix 2: make the scale visible to the loss explicitly
             penalty = torch.stack([h.pow(2).mean() for h in states]).mean()
             loss = loss + cfg.norm_penalty * penalty
@@ -262,11 +320,11 @@ class LoopedGPT(nn.Module):
 
     def flops_per_token(self, n_readouts=None):
         """Training FLOPs per token (forward + backward): 6 per weight use, attention as in PaLM.
-        n_readouts: readouts trained per token (default: K for per_loop, 1 for terminal)."""
+        n_readouts: readouts trained per token (default: the exits the supervision trains)."""
         cfg = self.config
         block = sum(p.numel() for p in self.block.parameters())
         if n_readouts is None:
-            n_readouts = cfg.n_loops if cfg.supervision == "per_loop" else 1
+            n_readouts = len(cfg.trained_loops())
         layers = 6 * block * cfg.n_loops
         attention = 12 * cfg.n_layer * cfg.n_loops * cfg.n_embd * cfg.block_size
         readouts = 6 * cfg.vocab_size * cfg.n_embd * n_readouts

@@ -21,10 +21,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from configurator import DEVICE, NONEMPTY, at_least, check, one_of, parse, pick_device
+from configurator import DEVICE, NONEMPTY, at_least, check, device_or_exit, one_of, parse
 from model import EXIT_POLICIES, exit_score, exits
 from prepare import load_tokenizer
-from train import die, load_checkpoint, model_from_checkpoint
+from rundir import die, load_checkpoint, model_from_checkpoint
 
 
 def readable_prompt(v):
@@ -189,7 +189,7 @@ def parse_depth(text, K, colour):
 
 def main(argv=None):
     cfg, _ = parse("sample.py", OPTIONS, argv, __doc__, together=together)
-    device = pick_device(cfg.device)
+    device = device_or_exit(cfg.device)
     ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
     model = model_from_checkpoint(ckpt, device)
     encode, decode = load_tokenizer(ckpt["meta"])

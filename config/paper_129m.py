@@ -9,6 +9,7 @@ n_embd = 768
 n_loops = 4
 block_size = 256
 batch_size = 32
+gradient_accumulation_steps = 1  # global batch 32 on any number of GPUs (torchrun)
 learning_rate = 3e-4
 weight_decay = 0.01
 warmup_iters = 0

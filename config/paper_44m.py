@@ -15,6 +15,7 @@ n_embd = 512
 n_loops = 4
 block_size = 256
 batch_size = 64
+gradient_accumulation_steps = 1  # global batch 64 on any number of GPUs (torchrun)
 learning_rate = 3e-4
 weight_decay = 0.01
 warmup_iters = 0

@@ -13,7 +13,7 @@ from eval import adaptive_exit, all_states, calibrate, collect, evaluate, exit_l
 from eval import lens
 from eval import split_batches
 from prepare import load_tokenizer
-from train import eval_seed, get_batch, load_checkpoint, load_data, model_from_checkpoint
+from rundir import eval_seed, get_batch, load_checkpoint, load_data, model_from_checkpoint
 
 SETTINGS = SimpleNamespace(max_depth=0, target=1.01, policy="logit_margin", exit_unit="token",
                            n_thresholds=5)

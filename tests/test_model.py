@@ -83,7 +83,8 @@ def test_losses_match_definitions(readout):
     idx, tgt = batch()
     for supervision in ("per_loop", "terminal"):
         for penalty in (0.0, lam):
-            model = tiny(readout=readout, supervision=supervision, norm_penalty=penalty).double()
+            model = tiny(readout=readout, supervision=supervision, norm_penalty=penalty)
+            model = model.double().eval()  # eval mode: every exit decoded, also untrained ones
             logits, loss, stats = model(idx, tgt)
             with torch.no_grad():
                 states = model.loop_states(idx)
@@ -166,9 +167,9 @@ def test_a_few_steps_lower_the_loss(readout, extra):
     ("n_loops", 0, "n_loops=0"),
     ("norm_penalty", -0.1, "norm_penalty=-0.1"),
     ("n_embd", 30, "multiple of n_head"),
-    ("n_layer", 0, "positive"),
-    ("vocab_size", -5, "positive"),
-    ("block_size", 0, "positive"),
+    ("n_layer", 0, "an integer >= 1"),
+    ("vocab_size", -5, "an integer >= 1"),
+    ("block_size", 0, "an integer >= 1"),
 ])
 def test_bad_config_names_field_value_and_accepted(field, value, words):
     with pytest.raises(ValueError) as e:

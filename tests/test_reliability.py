@@ -71,7 +71,7 @@ def test_device_and_dtype_the_machine_cannot_do(data_dir, tmp_path):
                            "devices here: cpu")
     p = run("train.py", *train_args(data_dir, tmp_path, "--device=cpu", "--dtype=float16",
                                     "--max_iters=2"))
-    assert p.returncode == 0 and "falling back to float32" in p.stderr  # documented fallback
+    assert p.returncode == 0 and "using float32" in p.stderr  # documented fallback
     p = run("train.py", *train_args(data_dir, tmp_path, "--dtype=fp8"))
     assert_clear_error(p, "float32 | bfloat16 | float16")
 

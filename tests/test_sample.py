@@ -6,7 +6,7 @@ import torch
 from conftest import run
 from model import LoopedGPT, LoopedGPTConfig
 from sample import KVCache, depth_colours, exit_step, generate, parse_depth, render_depth
-from train import load_checkpoint, model_from_checkpoint
+from rundir import load_checkpoint, model_from_checkpoint
 
 
 def tiny(**kw):

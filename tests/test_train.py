@@ -185,7 +185,7 @@ def test_gpu_check_stops_cleanly_without_a_gpu():
 
 FAULTS_PER_STEP = """
 import resource, sys, torch
-from configurator import keep_freed_memory
+from device import keep_freed_memory
 from model import Layer, LoopedGPTConfig
 if sys.argv[1] == "keep":
     keep_freed_memory()
