@@ -4,10 +4,10 @@ Measure training and generation speed and memory of the looped model, all in one
   python bench.py                                        # CPU: both vocabularies (~6 min)
   python bench.py --preset=config/paper_44m.py --vocab=gpt2 --compile=True   # a GPU
 
-Sizes come from train.py's defaults (n_layer 2, n_head 4, n_embd 128, batch 8) or a --preset
-file, with the bench's own K=4 and sequence 256. For each vocabulary (GPT-2's 50,257 tokens and
-Shakespeare's 69 characters) it times training steps (forward + backward + AdamW, fastest after
-warm-up) of:
+Sizes come from the --preset file, by default the CPU demo config/cpu.py (n_layer 2, n_head 4,
+n_embd 128, batch 8; '' = train.py's own defaults, the paper's 44M model), with the bench's own
+K=4 and sequence 256. For each vocabulary (GPT-2's 50,257 tokens and Shakespeare's 69
+characters) it times training steps (forward + backward + AdamW, fastest after warm-up) of:
   terminal     the looped model, loss on the last loop only
   dense        the same with dense per-loop loss (readout_ce auto: chunked at GPT-2's vocab)
   dense_plain  dense per-loop loss through plain autograd (K logits tensors kept for backward)
@@ -15,14 +15,19 @@ warm-up) of:
   nanogpt      a plain GPT written the way nanoGPT writes it (LayerNorm, GELU MLP, same width,
                heads, context and batch, depth n_layer * K): the reference for speed
 and prints each case's achieved model FLOP/s relative to nanogpt, and the other ratios below.
+Each step calls the model as a training loop of one's own would: model(X, Y) in training mode,
+nothing else, so the looped model decodes only the exits its loss trains.
 Step time: the fastest timed step, over --rounds rounds that run every case in turn, so that
-other work on the machine and slow drifts touch all cases alike.
+other work on the machine and slow drifts touch all cases alike. The device is synchronized
+before every clock read (CUDA and MPS run asynchronously).
 Model FLOPs per token: 6 per weight use plus attention, as in nanoGPT and PaLM. Executed
 FLOPs also count the logits that the chunked CE recomputes in backward.
-Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU each case runs in a fresh
-subprocess, resets its peak RSS (VmHWM) just before the first step and reports that peak minus
-the RSS at that moment: what the steps themselves added (activations, gradients, optimizer).
-MFU is against this CPU's measured fp32 matmul throughput, or the GPU's bf16 peak.
+Peak memory: what the steps added to the memory in use just before the first step (gradients,
+optimizer state, activations). CUDA: torch.cuda.max_memory_allocated. CPU: each case runs in
+a fresh subprocess; on Linux its peak RSS (VmHWM, reset just before the first step), elsewhere
+the rise of getrusage's peak RSS. MPS has no peak counter: not measured.
+MFU is against this CPU's measured fp32 matmul throughput, or the GPU's dense bf16 peak
+(device.peak_tflops, by the GPU's exact model; --peak_tflops for one not listed).
 """
 
 import json
@@ -36,15 +41,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configurator import DEVICE, at_least, check, device_or_exit, error, parse, read_preset
-from device import keep_freed_memory, pick_dtype
+from configurator import DEVICE, at_least, check, device_or_exit, error, one_of, parse
+from configurator import read_preset
+from device import autocast, keep_freed_memory, peak_tflops, pick_dtype, synchronize
 from model import LoopedGPT, LoopedGPTConfig
 from sample import generate
 from train import OPTIONS as TRAIN_OPTIONS
 
+try:
+    import resource  # peak RSS where /proc is not (macOS); Windows has neither
+except ImportError:
+    resource = None
+
 CASES = ("terminal", "dense", "dense_plain", "flat", "nanogpt")
 VOCABS = {"gpt2": 50257, "char": 69}
-KNOWN_PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L4": 121, "A10": 125, "4090": 165}
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def subset(names):
@@ -52,11 +63,20 @@ def subset(names):
                  lambda v: v != "" and set(v.split(",")) <= set(names), ["", "nope"])
 
 
+def preset_path(v):
+    """A preset as given, else relative to this folder (the default works from any folder);
+    None when neither exists."""
+    for path in (v, os.path.join(HERE, v)):
+        if path.endswith(".py") and os.path.isfile(path):
+            return path
+    return None
+
+
 OPTIONS = {
-    "preset": ("", "a train.py preset for the sizes ('' = train.py's defaults)",
+    "preset": ("config/cpu.py", "a train.py preset for the sizes ('' = train.py's defaults: "
+                                "the paper's 44M model)",
                check("'' or a .py preset file that exists",
-                     lambda v: v == "" or (v.endswith(".py") and os.path.isfile(v)),
-                     ["config/nope.py"])),
+                     lambda v: v == "" or preset_path(v) is not None, ["config/nope.py"])),
     "vocab": ("gpt2,char", "vocabularies to run", subset(VOCABS)),
     "n_loops": (4, "K", at_least(1)),
     "block_size": (256, "sequence length", at_least(2)),
@@ -68,12 +88,12 @@ OPTIONS = {
     "gen_tokens": (128, "tokens generated in the generation benchmark (0 skips it)",
                    at_least(0)),
     "device": ("auto", "auto: cuda, then mps, then cpu", DEVICE),
-    "dtype": ("auto", "auto: bfloat16 on GPUs that have it, else float32",
-              check("auto | float32 | bfloat16", lambda v: v in ("auto", "float32", "bfloat16"),
-                    ["float8"])),
+    "dtype": ("auto", "auto: bfloat16 on GPUs that have it, float16 (with a grad scaler) on "
+                      "older GPUs, float32 on CPU and MPS, as train.py",
+              one_of("auto", "float32", "bfloat16", "float16")),
     "compile": (False, "torch.compile the model", None),
-    "peak_tflops": (0.0, "the GPU's peak TFLOP/s for MFU (0 = look up the GPU's name)",
-                    at_least(0.0)),
+    "peak_tflops": (0.0, "the device's peak TFLOP/s for MFU (0 = the GPU's from its exact name, "
+                         "the CPU's measured)", at_least(0.0)),
     "json": ("", "also write the results to this JSON file",
              check("'' or a path ending in .json", lambda v: v == "" or v.endswith(".json"),
                    ["out.txt"])),
@@ -142,13 +162,13 @@ class PlainGPT(nn.Module):
         return 6 * n + attention
 
 
-# ---- one case -------------------------------------------------------------------------------
+# ---- the model of each case ----------------------------------------------------------------
 
 def sizes(cfg):
-    """n_layer, n_head, n_embd, batch_size from train.py's defaults or the preset."""
+    """n_layer, n_head, n_embd, batch_size from the preset, or train.py's defaults."""
     values = {k: spec[0] for k, spec in TRAIN_OPTIONS.items()}
     if cfg.preset:
-        values.update(read_preset(cfg.preset, TRAIN_OPTIONS))
+        values.update(read_preset(preset_path(cfg.preset), TRAIN_OPTIONS))
     return values["n_layer"], values["n_head"], values["n_embd"], values["batch_size"]
 
 
@@ -174,8 +194,24 @@ def executed_flops_per_token(model):
     return flops
 
 
-def rss_bytes(field="VmRSS"):
-    """Current (VmRSS) or peak (VmHWM) resident memory of this process, from /proc."""
+# ---- peak memory: what the steps add, measured as each device allows -----------------------
+
+def peak_memory_how(device, platform=sys.platform):
+    """How peak memory is measured on this device, in words; None where it is not."""
+    kind = device.split(":")[0]
+    if kind == "cuda":
+        return "torch.cuda.max_memory_allocated"
+    if kind == "mps":
+        return None  # torch.mps counts the memory in use but keeps no peak
+    if platform.startswith("linux"):
+        return "peak RSS (VmHWM in /proc, reset before the first step)"
+    if resource is not None:
+        return "rise of the peak RSS (getrusage; it cannot be reset, so a lower bound)"
+    return None  # Windows: no resource module
+
+
+def proc_status_bytes(field):
+    """Current (VmRSS) or peak (VmHWM) resident memory of this process, from Linux's /proc."""
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
@@ -189,42 +225,73 @@ def reset_peak_rss():
         pass
 
 
+def rusage_peak_bytes(platform):
+    """The process's peak RSS so far: ru_maxrss is in bytes on macOS, in KiB elsewhere."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if platform == "darwin" else peak * 1024
+
+
+def memory_mark(device, platform=sys.platform):
+    """Start a peak-memory measurement: reset the peak where the device can, and return what
+    to subtract from it (the memory in use now, or the peak so far); None: not measured."""
+    if peak_memory_how(device, platform) is None:
+        return None
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    if platform.startswith("linux"):
+        rss = proc_status_bytes("VmRSS")
+        reset_peak_rss()
+        return rss
+    return rusage_peak_bytes(platform)
+
+
+def memory_peak(device, mark, platform=sys.platform):
+    """Bytes added at the peak since memory_mark returned `mark`; None where not measured."""
+    if mark is None:
+        return None
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) - mark
+    if platform.startswith("linux"):
+        return proc_status_bytes("VmHWM") - mark
+    return rusage_peak_bytes(platform) - mark
+
+
+# ---- one case -------------------------------------------------------------------------------
+
 def run_case(cfg, case, vocab, device, dtype):
     torch.manual_seed(0)
-    model = build(cfg, case, vocab).to(device)
+    kind = device.split(":")[0]
+    model = build(cfg, case, vocab).to(device).train()  # a training step: train mode
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}], lr=1e-4,
-                            fused=device.startswith("cuda"))
+                            fused=kind == "cuda")
+    scaler = torch.amp.GradScaler(kind, enabled=dtype == "float16")  # as train.py's step
     step_model = torch.compile(model) if cfg.compile else model
     B = cfg.batch_size or sizes(cfg)[3]
     V = VOCABS[vocab]
     x = torch.randint(V, (B, cfg.block_size), device=device)
     y = torch.randint(V, (B, cfg.block_size), device=device)
-    kind = device.split(":")[0]
-    autocast = torch.autocast(kind, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-    sync = torch.cuda.synchronize if kind == "cuda" else (lambda: None)
-    kwargs = {} if case == "nanogpt" else {"all_exits": False}  # as train.py's step
-    rss0 = rss_bytes()
-    reset_peak_rss()
-    if kind == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    mark = memory_mark(device)
     times = []
     for i in range(cfg.warmup + cfg.steps):
-        sync()
+        synchronize(device)  # the clock starts when earlier GPU work is done
         t0 = time.perf_counter()
-        with autocast:
-            _, loss, _ = step_model(x, y, **kwargs)
-        loss.backward()
-        opt.step()
+        with autocast(device, dtype):
+            # the plain call, as a training loop of one's own makes it: what it costs is what
+            # the model's defaults decode in training mode
+            _, loss, _ = step_model(x, y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
-        sync()
+        synchronize(device)  # and stops when this step's GPU work is
         if i >= cfg.warmup:
             times.append(time.perf_counter() - t0)
     dt = min(times)  # the least disturbed step
-    peak = torch.cuda.max_memory_allocated() if kind == "cuda" else rss_bytes("VmHWM") - rss0
-    return {"case": case, "vocab": vocab, "step_s": dt,
-            "tokens_per_sec": B * cfg.block_size / dt, "peak_mem_bytes": peak,
+    return {"case": case, "vocab": vocab, "step_s": dt, "step_s_all": times,
+            "tokens_per_sec": B * cfg.block_size / dt, "peak_mem_bytes": memory_peak(device, mark),
             "flops_per_token": model.flops_per_token(),
             "executed_flops_per_token": executed_flops_per_token(model)}
 
@@ -248,29 +315,57 @@ def cpu_matmul_peak(n=2048, reps=5):
     return 2 * n ** 3 / best
 
 
-def _timed(fn):
+def device_peak(device, override=0.0):
+    """(peak FLOP/s for MFU, where it comes from in words); 0 where unknown."""
+    kind = device.split(":")[0]
+    if override:
+        return override * 1e12, f"--peak_tflops={override:g}"
+    if kind == "cuda":
+        name = torch.cuda.get_device_name(device)
+        tflops = peak_tflops(name)  # by the exact model: an L4 is not an L40S
+        if tflops is None:
+            return 0.0, f"{name}: no known peak, pass --peak_tflops"
+        return tflops * 1e12, f"{name}'s dense bf16 peak, {tflops} TFLOP/s"
+    if kind == "cpu":
+        flops = cpu_matmul_peak()
+        return flops, f"this CPU's measured fp32 matmul peak, {flops / 1e9:.1f} GFLOP/s"
+    return 0.0, f"no known peak for {kind}: pass --peak_tflops"
+
+
+def _timed(fn, device="cpu"):
+    synchronize(device)
     t0 = time.perf_counter()
     fn()
+    synchronize(device)
     return time.perf_counter() - t0
 
 
 def bench_generation(cfg, vocab, device):
+    """Tokens per second of sample.py's generate, with and without its KV cache (float32, as
+    sample.py runs)."""
     torch.manual_seed(0)
     model = build(cfg, "dense", vocab).to(device).eval()
     V = model.config.vocab_size
     prompt = torch.randint(V, (1, cfg.block_size - cfg.gen_tokens), device=device)
     out = {}
     for use_cache in (True, False):
-        seconds = _timed(lambda: generate(model, prompt, cfg.gen_tokens, temperature=1.0,
-                                          top_k=50, use_cache=use_cache))
+        def run(n):
+            return generate(model, prompt, n, temperature=1.0, top_k=50, use_cache=use_cache)
+        run(2)  # warm-up: a GPU's first calls pick and load their kernels
+        seconds = _timed(lambda: run(cfg.gen_tokens), device)
         out["cached" if use_cache else "recompute"] = cfg.gen_tokens / seconds
     return out
 
 
 # ---- the report -----------------------------------------------------------------------------
 
-def report(results, vocab, peak_flops):
-    """Print one vocabulary's table and ratios; return the ratios."""
+def mib(n_bytes):
+    return "n/a" if n_bytes is None else f"{n_bytes / 2**20:.1f}"
+
+
+def report(results, vocab, peak_flops, rounds=None):
+    """Print one vocabulary's table and ratios; return the ratios. rounds: each case's step
+    time in every round, for the terminal/flat ratio round by round."""
     by = {r["case"]: r for r in results}
     print(f"\nvocab {vocab} ({VOCABS[vocab]:,} tokens)")
     print(f"{'case':<12} {'tok/s':>9} {'step ms':>9} {'peak MiB':>9} {'model GFLOP/s':>14} "
@@ -285,7 +380,7 @@ def report(results, vocab, peak_flops):
         r["vs_nanogpt"] = rel
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         print(f"{r['case']:<12} {r['tokens_per_sec']:>9,.0f} {r['step_s'] * 1e3:>9.1f} "
-              f"{r['peak_mem_bytes'] / 2**20:>9.1f} {r['model_flops_per_sec'] / 1e9:>14.2f} "
+              f"{mib(r['peak_mem_bytes']):>9} {r['model_flops_per_sec'] / 1e9:>14.2f} "
               f"{mfu:>6} {rel:>10.2f}x")
     ratios = {}
 
@@ -296,12 +391,21 @@ def report(results, vocab, peak_flops):
         print(f"  {name:<58} x{value:.3f}  (target {sign} {target}: "
               f"{'met' if met else 'NOT met'})")
 
+    def measured(r):  # a peak memory to divide by: not on MPS, and a rise of 0 says nothing
+        return r is not None and bool(r["peak_mem_bytes"])
+
     t, d, flat = by.get("terminal"), by.get("dense"), by.get("flat")
     if t and flat:
         ratio("terminal step time / flat step time", t["step_s"] / flat["step_s"], 1.05, False)
+        if rounds:  # each round's two steps ran back to back: the drift-free comparison
+            each = [a / b for a, b in zip(rounds["terminal"], rounds["flat"])]
+            ratios["terminal step time / flat step time, by round"] = each
+            print(f"  {'  the same, round by round':<58} "
+                  + " ".join(f"x{v:.3f}" for v in each))
     if t and d:
         ratio("dense executed FLOP/s / terminal executed FLOP/s",
               d["executed_flops_per_sec"] / t["executed_flops_per_sec"], 0.95, True)
+    if measured(t) and measured(d):
         ratio("dense peak memory / terminal peak memory",
               d["peak_mem_bytes"] / t["peak_mem_bytes"], 1.2, False)
     # at GPT-2's vocabulary the dense step also recomputes logits that model FLOPs do not
@@ -310,7 +414,7 @@ def report(results, vocab, peak_flops):
         if case in by and ref:
             ratio(f"{case} model FLOP/s / nanogpt model FLOP/s", by[case]["vs_nanogpt"], 1.0,
                   True)
-    if "dense_plain" in by and t:
+    if measured(by.get("dense_plain")) and measured(t):
         print(f"  {'dense_plain peak memory / terminal peak memory':<58} "
               f"x{by['dense_plain']['peak_mem_bytes'] / t['peak_mem_bytes']:.3f}")
     return ratios
@@ -323,6 +427,7 @@ def main(argv=None):
     dtype = pick_dtype(device, cfg.dtype)
     kind = device.split(":")[0]
     if kind == "cuda":
+        torch.cuda.set_device(device)  # compile, streams and memory stats on this GPU
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if cfg.one_case:  # child process: one case, one JSON line
@@ -330,31 +435,28 @@ def main(argv=None):
         print(json.dumps(run_case(cfg, case, vocab, device, dtype)))
         return None
     argv = sys.argv[1:] if argv is None else list(argv)
-    if kind == "cuda":
-        name = torch.cuda.get_device_name()
-        peak = cfg.peak_tflops or next((v for k, v in KNOWN_PEAK_TFLOPS.items() if k in name), 0)
-        peak_flops = peak * 1e12
-        peak_src = f"{name}, {peak} TFLOP/s" if peak else "unknown GPU: pass --peak_tflops"
-    elif kind == "cpu":
-        peak_flops = cpu_matmul_peak()
-        peak_src = f"this CPU's measured fp32 matmul peak, {peak_flops / 1e9:.1f} GFLOP/s"
-    else:
-        peak_flops, peak_src = 0.0, "no known peak for this device"
+    peak_flops, peak_src = device_peak(device, cfg.peak_tflops)
+    memory_how = peak_memory_how(device) or f"not measured on {kind}"
     n_layer, n_head, n_embd, batch = sizes(cfg)
     print(f"n_layer {n_layer}, n_head {n_head}, n_embd {n_embd}, K {cfg.n_loops}, sequence "
-          f"{cfg.block_size}, batch {cfg.batch_size or batch}, {device} {dtype}; MFU against "
-          f"{peak_src}")
-    summary = {"device": device, "dtype": dtype, "peak_flops": peak_flops, "config": vars(cfg),
-               "results": [], "ratios": {}}
+          f"{cfg.block_size}, batch {cfg.batch_size or batch}, {device} {dtype}"
+          f"{' compiled' if cfg.compile else ''}; MFU against {peak_src}; peak memory: "
+          f"{memory_how}")
+    summary = {"device": device, "dtype": dtype, "peak_flops": peak_flops, "peak_src": peak_src,
+               "peak_memory": memory_how, "config": vars(cfg), "results": [], "ratios": {}}
+    if kind == "cuda":
+        summary["gpu"] = torch.cuda.get_device_name(device)
     for vocab in cfg.vocab.split(","):
         best = {}
+        rounds = {case: [] for case in cfg.cases.split(",")}
         for _ in range(cfg.rounds):
             for case in cfg.cases.split(","):
                 r = run_one(cfg, case, vocab, device, dtype, argv)
+                rounds[case].append(r["step_s"])
                 if case not in best or r["step_s"] < best[case]["step_s"]:
                     best[case] = r
         results = list(best.values())
-        summary["ratios"][vocab] = report(results, vocab, peak_flops)
+        summary["ratios"][vocab] = report(results, vocab, peak_flops, rounds)
         summary["results"] += results
     if cfg.gen_tokens:
         vocab = cfg.vocab.split(",")[0]

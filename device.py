@@ -3,7 +3,6 @@ Where a script runs: the device rules every script shares, as plain functions.
 
   pick_device    --device=auto is CUDA, then Apple's MPS, then the CPU
   ddp_device     under torchrun every CUDA device means cuda:LOCAL_RANK
-  split_batch    the global batch (batch_size x gradient_accumulation_steps) over the processes
   pick_dtype     --dtype=auto: bfloat16 on GPUs with native bf16 (compute capability >= 8.0),
                  float16 with a grad scaler on older ones (V100, T4), float32 elsewhere
   peak_tflops    a GPU's dense bf16/fp16 peak, by its exact model, for MFU
@@ -55,21 +54,6 @@ def ddp_device(device, local_rank):
         return None, "torchrun with --device=mps is not supported (a Mac has one GPU and no " \
                      "multi-process backend for it); run python train.py without torchrun"
     return device, None
-
-
-def split_batch(batch_size, accumulation, world):
-    """(sequences per micro-batch, micro-batches per step) for each of `world` processes, so
-    that the global batch batch_size * accumulation is the same on any number of processes:
-    the micro-batches are shared out (as nanoGPT does) or, when there are fewer of them than
-    processes, each micro-batch is. Returns (b, g, None), or (None, None, why)."""
-    if accumulation % world == 0:
-        return batch_size, accumulation // world, None
-    if batch_size % world == 0:
-        return batch_size // world, accumulation, None
-    return None, None, (
-        f"the global batch --batch_size={batch_size} x --gradient_accumulation_steps="
-        f"{accumulation} cannot be shared by {world} processes; make one of the two a multiple "
-        f"of {world}")
 
 
 def dtype_for(kind, name, cuda_capability=(0, 0), mps_bf16=False):

@@ -94,13 +94,15 @@ def sample_next(logits, temperature=1.0, top_k=None):
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, n_loops=None,
              exit_policy=None, exit_threshold=None, use_cache=True):
-    """Sample tokens after `idx` [B, T]; returns (idx with them, exit loop of each [B, new]).
-    Depth: a fixed `n_loops` (default K), or adaptive per token: the first loop whose readout
-    passes `exit_policy` at `exit_threshold` (at most n_loops). When the cache reaches
-    block_size it is refilled from the last block_size // 2 tokens (without a cache the context
-    is cropped to block_size every token, as in nanoGPT)."""
+    """Sample tokens after `idx` [B, T]; returns (idx with them, exit loop of each [B, new]), both
+    on the model's device. Depth: a fixed `n_loops` (default K), or adaptive per token: the first
+    loop whose readout passes `exit_policy` at `exit_threshold` (at most n_loops). When the cache
+    reaches block_size it is refilled from the last block_size // 2 tokens, which run every loop
+    again (only the last one's exit is decided anew); without a cache the context is cropped to
+    block_size every token, as in nanoGPT."""
     K = n_loops or model.config.n_loops
     bs = model.config.block_size
+    idx = idx.to(model.lm_head.weight.device)  # the prompt, the tokens and the caches live there
     caches = None
     n_cached = 0
     loops_used = []
@@ -118,35 +120,46 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, n_loops=No
     return idx, torch.stack(loops_used, dim=1)
 
 
+def everyone_exited(done):
+    """Has every row exited? The one host sync of adaptive exit on a GPU, paid for by skipping
+    the deeper loops of the whole batch when it says yes."""
+    return bool(done.all())
+
+
 def exit_step(model, x, pos0, K, caches, policy, threshold):
     """Run the loops on x; decode its last position. Returns logits [B, V] and exit loops [B].
     Cache rule for adaptive exit: a token that exits at loop e gets, at the deeper loops, the
     keys/values of loop e, so later tokens see its exit state."""
     h = model.embed(x, pos0)
     chosen = None
-    done = torch.zeros(x.size(0), dtype=torch.bool, device=x.device)
-    used = torch.full_like(done, K, dtype=torch.long)
+    done = torch.zeros(x.size(0), dtype=torch.bool, device=h.device)
+    used = torch.full((x.size(0),), K, dtype=torch.long, device=h.device)
     for k in range(1, K + 1):
         h = model.loop(h, k, None if caches is None else caches[k])
-        if caches is not None and done.any():  # rows that exited: copy their exit K/V down
-            for cache, above in zip(caches[k], caches[k - 1]):
-                cache.k[done, :, -1] = above.k[done, :, -1]
-                cache.v[done, :, -1] = above.v[done, :, -1]
         if policy is None:  # fixed depth: only the last loop is decoded
             if k == K:
                 chosen = model.readout(h[:, -1], k)
             continue
+        if caches is not None and k > 1:
+            # rows that exited: their token's K/V here are those of the loop above (and so of
+            # its exit loop). A masked copy of every row, not an if: no host sync per loop.
+            exited = done[:, None, None]  # [B, 1, 1], over heads and head dims
+            for cache, above in zip(caches[k], caches[k - 1]):
+                cache.k[:, :, -1] = torch.where(exited, above.k[:, :, -1], cache.k[:, :, -1])
+                cache.v[:, :, -1] = torch.where(exited, above.v[:, :, -1], cache.v[:, :, -1])
         logits = model.readout(h[:, -1], k)
         chosen = logits if chosen is None else torch.where(done[:, None], chosen, logits)
         newly = ~done & exits(exit_score(logits, policy), policy, threshold)
         used = torch.where(newly, k, used)
         done = done | newly
-        if done.all() and (caches is None or x.size(1) == 1):
+        # Skip the deeper loops once every row has exited. A prefill cannot: its earlier
+        # positions need every loop's keys/values.
+        if k < K and (caches is None or x.size(1) == 1) and everyone_exited(done):
             if caches is not None:  # the skipped deeper loops cache this loop's entries
                 for deeper in range(k + 1, K + 1):
                     for cache, exit_cache in zip(caches[deeper], caches[k]):
                         cache.extend(exit_cache.k[:, :, -1:], exit_cache.v[:, :, -1:])
-            break  # everyone exited: the deeper loops are skipped
+            break
     return chosen, used
 
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from configurator import DEVICE, NONEMPTY, at_least, between, check, config_options
 from configurator import device_or_exit, one_of, parse
 from device import autocast, ddp_device, keep_freed_memory, pick_dtype, rng_state
-from device import set_rng_state, split_batch
+from device import set_rng_state
 from model import LoopedGPT, LoopedGPTConfig
 from rundir import MODEL_KEYS, append_log, atomic_save, die, eval_seed, get_batch
 from rundir import load_checkpoint, load_data, model_config, model_from_checkpoint, trim_log
@@ -115,10 +115,27 @@ def evaluate(model, batch, eval_iters, dtype):
     return out
 
 
-def train_seed(seed, iter_num, micro, rank):
-    """The data seed of one micro-batch of one process: every batch of a run is distinct and
-    independent of how often it was resumed."""
-    return (seed * 1_000_003 + iter_num) * 1009 + micro * 64 + rank
+def micro_batches(batch_size, accumulation, world, rank):
+    """This process's share of one optimizer step: (index of a micro-batch in the step, its rows
+    this process trains on) pairs. The global batch, batch_size x accumulation sequences, is the
+    same on any number of processes: the micro-batches are shared out (as nanoGPT does) or, when
+    there are fewer of them than processes, each micro-batch is. Every process draws the same
+    micro-batches as one process would, so DDP computes the same gradient. Returns
+    (pairs, None) or (None, why)."""
+    if accumulation % world == 0:
+        return [(m * world + rank, slice(None)) for m in range(accumulation // world)], None
+    if batch_size % world == 0:
+        rows = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
+        return [(m, rows) for m in range(accumulation)], None
+    return None, (f"the global batch --batch_size={batch_size} x --gradient_accumulation_steps="
+                  f"{accumulation} cannot be shared by {world} processes; make one of the two "
+                  f"a multiple of {world}")
+
+
+def train_seed(seed, iter_num, micro):
+    """The data seed of micro-batch `micro` of a step: every batch of a run is distinct and
+    independent of how often it was resumed or how many processes share it."""
+    return (seed * 1_000_003 + iter_num) * 1009 + micro * 64
 
 
 def grad_norm(params):
@@ -202,8 +219,8 @@ def main(argv=None):
         if why:
             die(why)
     master = rank == 0
-    micro_batch, micro_steps, why = split_batch(cfg.batch_size, cfg.gradient_accumulation_steps,
-                                                world)
+    my_micro_batches, why = micro_batches(cfg.batch_size, cfg.gradient_accumulation_steps,
+                                          world, rank)
     if why:
         die(why)
     dev = cfg.device.split(":")[0]
@@ -228,8 +245,8 @@ def main(argv=None):
                             "resolved": {"device": cfg.device, "dtype": cfg.dtype,
                                          "compile": cfg.compile}}
 
-    def batch(split, seed, size=cfg.batch_size):
-        return get_batch(data[split], size, cfg.block_size, seed, cfg.device)
+    def batch(split, seed):
+        return get_batch(data[split], cfg.batch_size, cfg.block_size, seed, cfg.device)
 
     # ---- model and optimizer ----
     torch.manual_seed(cfg.seed + rank)
@@ -331,13 +348,13 @@ def main(argv=None):
 
         # one optimizer step over this process's micro-batches; in training mode the model
         # decodes only the exits its loss trains
-        for micro in range(micro_steps):
-            X, Y = batch("train", train_seed(cfg.seed, iter_num, micro, rank), micro_batch)
+        for i, (micro, rows) in enumerate(my_micro_batches):
+            X, Y = batch("train", train_seed(cfg.seed, iter_num, micro))
             if ddp:  # all-reduce the gradients on the last micro-batch only
-                model.require_backward_grad_sync = micro == micro_steps - 1
+                model.require_backward_grad_sync = i == len(my_micro_batches) - 1
             with autocast(cfg.device, cfg.dtype):
-                _, loss, stats = model(X, Y)
-            scaler.scale(loss / micro_steps).backward()
+                _, loss, stats = model(X[rows], Y[rows])
+            scaler.scale(loss / len(my_micro_batches)).backward()
         scaler.unscale_(optimizer)  # a no-op without float16's scaler
         if cfg.skip_nonfinite:
             # decided on the all-reduced gradient, which every process shares: all skip or

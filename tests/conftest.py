@@ -32,11 +32,11 @@ def data_dir(text_file, tmp_path_factory):
     return d
 
 
-def run(script, *args, env=None, **kw):
-    """Run one of the project's scripts as a user would; returns the CompletedProcess."""
+def run(script, *args, env=None, timeout=120, **kw):
+    """Run one of the project's scripts as a user would, with this interpreter (not whichever
+    `python` is on PATH) and a time limit; returns the CompletedProcess."""
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT,
-                          capture_output=True,
-                          text=True, env=env, **kw)
+                          capture_output=True, text=True, env=env, timeout=timeout, **kw)
 
 
 def read_log(out_dir):

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import READOUTS, LoopedGPT, LoopedGPTConfig
+from model import READOUTS, SUPERVISIONS, LoopedGPT, LoopedGPTConfig
 
 
 def tiny(**kw):
@@ -37,16 +37,28 @@ def test_lemma1_gradient_is_orthogonal_to_state_for_rmsnorm_readout():
                 assert cos.mean() > 1e-2, (k, cos.mean())
 
 
-def test_readout_scale_invariance():
-    for readout in READOUTS:
-        model = tiny(readout=readout).double()
-        with torch.no_grad():
-            states = model.loop_states(batch()[0])
-            for k, h in enumerate(states, start=1):
-                invariant = readout == "rmsnorm" or (readout == "final_only" and k == 3)
-                for c in (0.1, 10.0, 1000.0):
-                    same = torch.allclose(model.readout(c * h, k), model.readout(h, k), atol=1e-9)
-                    assert same == invariant, (readout, k, c)
+# the paper's readouts: is the readout of loop k = 1..2K blind to the scale of h_k? (K = 3)
+PAPER_READOUTS = {"rmsnorm": [True] * 6, "scale_visible": [False] * 6,
+                  "final_only": [False, False, True, False, False, False]}
+
+
+def test_readout_table_describes_the_papers_readouts():
+    for readout, blind in PAPER_READOUTS.items():
+        assert [READOUTS[readout].hides_scale(k, 3) for k in range(1, 7)] == blind, readout
+
+
+@pytest.mark.parametrize("readout", READOUTS)
+def test_readout_scale_invariance_follows_the_table(readout):
+    """readout(c * h, k) == readout(h, k) exactly where the table says the scale is hidden, at
+    every loop, also past K (eval.py decodes loops up to 2K, sample.py any --n_loops)."""
+    model = tiny(readout=readout).double()
+    with torch.no_grad():
+        states = model.loop_states(batch()[0], n_loops=6)
+        for k, h in enumerate(states, start=1):
+            invariant = READOUTS[readout].hides_scale(k, 3)
+            for c in (0.1, 10.0, 1000.0):
+                same = torch.allclose(model.readout(c * h, k), model.readout(h, k), atol=1e-9)
+                assert same == invariant, f"{readout} at loop {k}, scale x{c}"
 
 
 def test_parameter_count_independent_of_loops():
@@ -162,8 +174,8 @@ def test_a_few_steps_lower_the_loss(readout, extra):
 
 
 @pytest.mark.parametrize("field,value,words", [
-    ("readout", "layernormish", "rmsnorm | scale_visible | final_only"),
-    ("supervision", "dense", "per_loop | terminal"),
+    ("readout", "not a readout!", " | ".join(READOUTS)),
+    ("supervision", "not a supervision!", " | ".join(SUPERVISIONS)),
     ("n_loops", 0, "n_loops=0"),
     ("norm_penalty", -0.1, "norm_penalty=-0.1"),
     ("n_embd", 30, "multiple of n_head"),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, read_log, run
-from model import LoopedGPT
+from model import READOUTS, SUPERVISIONS, LoopedGPT
 from prepare import gpt2_encoding, load_tokenizer
 
 
@@ -80,22 +80,9 @@ def test_resume_continues_and_matches_uninterrupted_run(data_dir, tmp_path):
         np.testing.assert_allclose(a["hidden_norm"], b["hidden_norm"], rtol=1e-5)
 
 
-def test_ddp_two_processes_gloo(data_dir, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train.py"), *TINY, "--device=cpu", "--max_iters=5",
-           "--eval_interval=5",
-           f"--data_dir={data_dir}", "--dataset=tiny_char", f"--out_dir={tmp_path}"]
-    import subprocess
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
-    assert p.returncode == 0, p.stderr[-2000:]
-    log = read_log(tmp_path)
-    assert [e["iter"] for e in log] == [0, 5] and log[-1]["config"]["world_size"] == 2
-
-
 @pytest.mark.parametrize("args,words", [
-    (["--readout=layernorm"], "rmsnorm | scale_visible | final_only"),
-    (["--supervision=dense"], "per_loop | terminal"),
+    (["--readout=not a readout!"], " | ".join(READOUTS)),
+    (["--supervision=not a supervision!"], " | ".join(SUPERVISIONS)),
     (["--n_loops=0"], "--n_loops=0"),
     (["--norm_penalty=-1"], "--norm_penalty=-1"),
     (["--n_embd=30", "--n_head=4"], "multiple of --n_head=4"),
@@ -105,10 +92,12 @@ def test_ddp_two_processes_gloo(data_dir, tmp_path):
     (["--init_from=pretrained"], "scratch | resume"),
 ])
 def test_bad_flags_are_one_clear_line(args, words, data_dir, tmp_path):
-    p = run("train.py", *args, f"--data_dir={data_dir}", "--dataset=tiny_char",
+    # --max_iters=0 (unless under test): a value that became valid ends at once, not in hours
+    iters = [] if any("max_iters" in a for a in args) else ["--max_iters=0"]
+    p = run("train.py", *TINY, *args, *iters, f"--data_dir={data_dir}", "--dataset=tiny_char",
             f"--out_dir={tmp_path}")
-    assert p.returncode != 0 and words in p.stderr, p.stderr
-    assert "Traceback" not in p.stderr
+    assert p.returncode != 0 and words in p.stderr, p.stderr[-300:]
+    assert "Traceback" not in p.stderr, p.stderr[-300:]
 
 
 def test_help_lists_every_option():
