@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The blind spot and its fixes on the CPU defaults, end to end: per-loop runs of rmsnorm,
+# The blind spot and its fixes on the CPU demo (config/cpu.py), end to end: per-loop runs of rmsnorm,
 # scale_visible, final_only, rmsnorm + norm penalty (all at the default lr 6e-3), and rmsnorm +
 # loop norm, which diverges in scale at 6e-3 and so runs at lr 3e-3 beside an rmsnorm baseline
 # at the same lr. eval.py --run=all on each (per-depth PPL, halting, depth map, logit lens,
@@ -16,7 +16,7 @@ start=$(date +%s)
 
 one() {  # one condition: train, then evaluate; output in $OUT/<name>.txt
   local name=$1; shift
-  if ! { OMP_NUM_THREADS=1 python train.py --max_iters="$ITERS" --eval_interval=50 \
+  if ! { OMP_NUM_THREADS=1 python train.py config/cpu.py --max_iters="$ITERS" --eval_interval=50 \
            --out_dir="$OUT/$name" "$@" \
          && OMP_NUM_THREADS=1 python eval.py --run=all --out_dir="$OUT/$name"; } \
        > "$OUT/$name.txt" 2>&1; then
