@@ -420,6 +420,95 @@ def report(results, vocab, peak_flops, rounds=None):
     return ratios
 
 
+# ---- gpu_check.sh's summary: one table from the files its steps wrote ----------------------
+
+GPU_CHECK_FILES = {  # under gpu_check.sh's out folder
+    "bench": "gpu_bench.json", "log": "gpu_44m/log.jsonl", "eval": "gpu_44m/eval.json",
+    "fixed": "gpu_sample_fixed.txt", "adaptive": "gpu_sample_adaptive.txt"}
+SAMPLE_LOOPS = "mean loops per generated token:"  # sample.py's last line
+
+
+def calibrated_exit(eval_path, policy="logit_margin"):
+    """sample.py's adaptive-exit flags at the threshold eval.py calibrated for `policy` (token
+    exits); sample.py's own default (max_prob >= 0.9) where no threshold kept the PPL target."""
+    with open(eval_path) as f:
+        threshold = json.load(f)["halting"]["token"][policy]["threshold"]
+    if threshold is None:
+        return "--exit_policy=max_prob"
+    return f"--exit_policy={policy} --exit_threshold={threshold!r}"
+
+
+def gpu_check_table(out="out"):
+    """What gpu_check.sh measured, as one table of (what, value) rows; a step whose file is
+    missing shows '-'."""
+    paths = {k: os.path.join(out, name) for k, name in GPU_CHECK_FILES.items()}
+    rows = []
+    bench = _read_json(paths["bench"])
+    if bench:
+        title = f"{bench.get('gpu', bench['device'])}, {bench['dtype']}"
+        for r in bench["results"]:
+            mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "n/a"
+            rows.append((f"bench {r['case']} ({r['vocab']}): step / MFU / tok/s",
+                         f"{r['step_s'] * 1e3:.1f} ms / {mfu} / {r['tokens_per_sec']:,.0f}"))
+        for vocab, ratios in bench["ratios"].items():
+            if "terminal step time / flat step time" in ratios:
+                rows.append((f"bench terminal / flat step time ({vocab})",
+                             f"x{ratios['terminal step time / flat step time']:.3f}"))
+        if "generation" in bench:
+            g = bench["generation"]
+            rows.append(("bench generation, fixed depth: cached / recompute tok/s",
+                         f"{g['cached']:,.1f} / {g['recompute']:,.1f}"))
+    else:
+        title = "no bench results"
+        rows.append(("bench", "-"))
+    log = _read_jsonl_last(paths["log"])
+    if log:
+        rows.append((f"train iter {log['iter']}: val CE at loop K / ||h_K||",
+                     f"{log['val_loop_ce'][-1]:.4f} / {log['hidden_norm'][-1]:.4g}"))
+        rows.append(("train tok/s (last interval)", f"{log['tokens_per_sec']:,.0f}"))
+    else:
+        rows.append(("train", "-"))
+    ev = _read_json(paths["eval"])
+    if ev and "halting" in ev:
+        K = ev["n_loops"]
+        h = ev["halting"]["token"]["logit_margin"]
+        rows.append(("eval full-depth val PPL", f"{ev['full_depth_ppl']:.3f}"))
+        rows.append((f"eval calibrated mean loops (logit_margin, PPL <= x{ev['target']})",
+                     f"{h['mean_loops']:.2f} of {K}, PPL x{h['ratio']:.4f}"))
+    else:
+        rows.append(("eval", "-"))
+    for key in ("fixed", "adaptive"):
+        rows.append((f"sample {key}: {SAMPLE_LOOPS[:-1]}", _sample_loops(paths[key])))
+    width = max(len(what) for what, _ in rows)
+    lines = [f"gpu_check summary ({title})"]
+    lines += [f"  {what:<{width}}  {value}" for what, value in rows]
+    return "\n".join(lines)
+
+
+def _read_json(path):
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _read_jsonl_last(path):
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    return json.loads(lines[-1]) if lines else None
+
+
+def _sample_loops(path):
+    """The rest of sample.py's mean-loops line: '3.20 of 4 (adaptive logit_margin >= 2.5)'."""
+    if not os.path.isfile(path):
+        return "-"
+    with open(path) as f:
+        found = [line for line in f if line.startswith(SAMPLE_LOOPS)]
+    return found[-1][len(SAMPLE_LOOPS):].strip() if found else "-"
+
+
 def main(argv=None):
     cfg, _ = parse("bench.py", OPTIONS, argv, __doc__, together=together)
     device = device_or_exit(cfg.device)

@@ -18,9 +18,13 @@ Evaluate a trained looped model on validation data, and write out_dir/eval.json.
   clamp, scale sensitivity, the spread of per-token norms.
 Exits are simulated on full sequences: every position runs all loops (so later tokens attend to
 deeper states of earlier ones) and each token's prediction is read at its own exit loop.
+
+On a GPU (CUDA or Apple's MPS) the loops and readouts run there, autocast to the run's dtype, one
+exit's [B, T, V] logits at a time; what is measured per token moves to the CPU (`.cpu()`) before
+it is summed up in float64 (MPS has none) or binned (torch.histogram is CPU-only), and values are
+read only there.
 """
 
-import copy
 import json
 import math
 import os
@@ -30,8 +34,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from configurator import DEVICE, NONEMPTY, at_least, check, device_or_exit, error, one_of, parse
-from device import keep_freed_memory
-from model import EXIT_POLICIES, exit_score, exits, strict_to_loose
+from device import autocast, keep_freed_memory, pick_dtype
+from model import EXIT_POLICIES, READOUTS, exit_score, exits, strict_to_loose
 from prepare import load_tokenizer
 from rundir import atomic_write_text, die, eval_seed, get_batch, load_checkpoint, load_data
 from rundir import model_from_checkpoint
@@ -66,24 +70,37 @@ def together(cfg, explicit):
     return None
 
 
+def amp(model, dtype):
+    """Autocast on the model's device to the run's dtype ("float32": none), as it trained."""
+    return autocast(str(model.lm_head.weight.device), dtype)
+
+
 @torch.no_grad()
-def collect(model, batches, max_depth, states=None):
+def collect(model, batches, max_depth, states=None, dtype="float32"):
     """Per exit depth k = 1..max_depth, per sequence and position: CE [D, S, T] and each
-    policy's score [D, S, T]. `states`: the batches' first loop states when already computed
-    (all_states); the loops after them continue from the last one."""
+    policy's score [D, S, T], in float32 on the CPU. `states`: the batches' first loop states
+    when already computed (all_states); the loops after them continue from the last one."""
     ce = []
     scores = {p: [] for p in EXIT_POLICIES}
     for i, (x, y) in enumerate(tqdm(batches, desc="eval", unit="batch", leave=False)):
-        hs = list(states[i][:max_depth]) if states else []
-        h = hs[-1] if hs else model.embed(x)
-        for k in range(len(hs) + 1, max_depth + 1):
-            h = model.loop(h, k)
-            hs.append(h)
-        logits = [model.readout(h, k).float() for k, h in enumerate(hs, start=1)]
-        ce.append(torch.stack([F.cross_entropy(lg.transpose(1, 2), y, reduction="none")
-                               for lg in logits]))
+        given = list(states[i][:max_depth]) if states else []
+        h = given[-1] if given else model.embed(x)
+        ce_b, scores_b = [], {p: [] for p in EXIT_POLICIES}
+        # depth by depth: one [B, T, V] logits at a time (2K of them would not fit a GPU at a
+        # GPT-2 vocabulary), turned into per-token CE and scores, then dropped
+        for k in range(1, max_depth + 1):
+            with amp(model, dtype):
+                if k > len(given):
+                    h = model.loop(h, k)
+                logits = model.readout(given[k - 1] if k <= len(given) else h, k)
+            logits = logits.float()
+            ce_b.append(F.cross_entropy(logits.transpose(1, 2), y, reduction="none"))
+            for p in EXIT_POLICIES:
+                scores_b[p].append(exit_score(logits, p))
+            del logits  # before the next depth's readout allocates its own
+        ce.append(torch.stack(ce_b))
         for p in EXIT_POLICIES:
-            scores[p].append(torch.stack([exit_score(lg, p) for lg in logits]))
+            scores[p].append(torch.stack(scores_b[p]))
     return torch.cat(ce, dim=1).cpu(), {p: torch.cat(s, dim=1).cpu() for p, s in scores.items()}
 
 
@@ -161,20 +178,21 @@ def split_batches(data, n, batch_size, block_size, device):
 
 
 def evaluate(model, batches, cal_batches, held_batches, cfg, held_data, decode=None,
-             states=None):
+             states=None, dtype="float32"):
     """Per-depth PPL on `batches` (whose first loop states may be given); halting calibrated on
     `cal_batches`, reported on `held_batches` for both exit units and every policy; the sweep on
-    the held-out batches; the depth map of the start of `held_data`."""
+    the held-out batches; the depth map of the start of `held_data`. The model runs in `dtype`
+    (autocast); everything after collect is on the CPU."""
     K = model.config.n_loops
     max_depth = cfg.max_depth or 2 * K
-    ce, _ = collect(model, batches, max_depth, states)
+    ce, _ = collect(model, batches, max_depth, states, dtype)
     mean_ce = ce.flatten(1).mean(dim=1).tolist()
     out = {"n_loops": K, "n_tokens": ce[0].numel(),
            "per_depth": {"k": list(range(1, max_depth + 1)), "ce": mean_ce,
                          "ppl": [math.exp(c) for c in mean_ce]},
            "full_depth_ppl": math.exp(mean_ce[K - 1]), "target": cfg.target}
-    cal = collect(model, cal_batches, K)
-    held = collect(model, held_batches, K)
+    cal = collect(model, cal_batches, K, dtype=dtype)
+    held = collect(model, held_batches, K, dtype=dtype)
     out["halting"] = {unit: {p: halting(cal, held, p, K, cfg.target, unit) for p in EXIT_POLICIES}
                       for unit in EXIT_UNITS}
     p, unit = cfg.policy, cfg.exit_unit
@@ -182,24 +200,28 @@ def evaluate(model, batches, cal_batches, held_batches, cfg, held_data, decode=N
     sweep = [adaptive_exit(held[0], held[1][p], p, t, K, unit) for t in ts]
     out["adaptive"] = {"policy": p, "exit_unit": unit, "threshold": ts,
                        "mean_loops": [s[0] for s in sweep], "ppl": [s[1] for s in sweep]}
-    out["depth_map"] = depth_map(model, held_data, out["halting"][unit][p], p, unit, decode)
+    out["depth_map"] = depth_map(model, held_data, out["halting"][unit][p], p, unit, decode,
+                                 dtype=dtype)
     return out
 
 
 @torch.no_grad()
-def depth_map(model, data, cal, policy, unit, decode, n_tokens=300):
+def depth_map(model, data, cal, policy, unit, decode, n_tokens=300, dtype="float32"):
     """A contiguous passage of about n_tokens from `data`, cut into block_size sequences, with
     each token's exit loop under the calibrated threshold `cal` (the depth map's data)."""
     K = model.config.n_loops
     T = model.config.block_size
     n_seq = max(1, min(round(n_tokens / T), (len(data) - 1) // T))
-    ids = torch.from_numpy(data[:n_seq * T].astype("int64")).view(n_seq, T)
-    ce, scores = collect(model, [(ids.to(model.lm_head.weight.device), ids)], K)
+    xy = torch.from_numpy(data[:n_seq * T + 1].astype("int64"))
+    ids = xy[:-1]  # stays on the CPU, to be read
+    device = model.lm_head.weight.device  # inputs and next-token targets both go there
+    x, y = (t.reshape(n_seq, T).to(device) for t in (ids, xy[1:]))
+    _, scores = collect(model, [(x, y)], K, dtype=dtype)
     if cal["threshold"] is None:
         loops = torch.full((n_seq, T), K)
     else:
         loops = exit_loops(scores[policy], policy, cal["threshold"], K, unit)
-    ids = ids.flatten().tolist()
+    ids = ids.tolist()
     return {"policy": policy, "exit_unit": unit, "threshold": cal["threshold"], "n_loops": K,
             "ids": ids, "tokens": [decode([i]) for i in ids] if decode else None,
             "exit_loop": loops.flatten().tolist(), "sequence_length": T}
@@ -208,19 +230,23 @@ def depth_map(model, data, cal, policy, unit, decode, n_tokens=300):
 # ---- seeing inside the loops: the logit lens -----------------------------------------------
 
 @torch.no_grad()
-def lens(model, ids, decode):
+def lens(model, ids, decode, dtype="float32"):
     """For each position of the prompt ids: the top-1 next token and its probability after
     every loop k = 1..K (the readout of h_k: what the model would say if it exited there)."""
     x = torch.tensor(ids, dtype=torch.long, device=model.lm_head.weight.device)[None]
-    states = model.loop_states(x)
-    probs = [F.softmax(model.readout(h, k)[0].float(), dim=-1)
-             for k, h in enumerate(states, start=1)]
-    top = [p.max(dim=-1) for p in probs]  # per loop: values [T], indices [T]
-    return {"ids": ids, "tokens": [decode([i]) for i in ids],
-            "top1": [[top[k].indices[t].item() for k in range(len(top))] for t in range(len(ids))],
-            "top1_token": [[decode([top[k].indices[t].item()]) for k in range(len(top))]
-                           for t in range(len(ids))],
-            "prob": [[top[k].values[t].item() for k in range(len(top))] for t in range(len(ids))]}
+    with amp(model, dtype):
+        states = model.loop_states(x)
+    prob, top1 = [], []
+    for k, h in enumerate(states, start=1):
+        with amp(model, dtype):
+            logits = model.readout(h, k)[0]
+        top = F.softmax(logits.float(), dim=-1).max(dim=-1)  # values [T], indices [T]
+        prob.append(top.values)
+        top1.append(top.indices)
+    prob = torch.stack(prob, dim=1).cpu().tolist()  # [T][K]
+    top1 = torch.stack(top1, dim=1).cpu().tolist()
+    return {"ids": ids, "tokens": [decode([i]) for i in ids], "top1": top1,
+            "top1_token": [[decode([i]) for i in row] for row in top1], "prob": prob}
 
 
 def shown(token):
@@ -240,41 +266,64 @@ def print_lens(out):
 
 # ---- the paper's diagnostics: why the norm grows, and that the readout does not care ----------
 
+# Each diagnostic takes (model, batches, states=None, dtype): `states` are the batches' loop
+# states when already computed (all_states, in the run's dtype). It computes on the model's
+# device and moves per-token vectors to the CPU for float64 statistics and for reading.
+
 def _stats(x):
+    """Mean and std of per-token values: on the CPU, in float64."""
+    x = x.cpu().double()
     return {"mean": x.mean().item(), "std": x.std().item()}
 
 
 @torch.no_grad()
-def all_states(model, batches):
+def all_states(model, batches, dtype="float32"):
     """loop_states of every batch, computed once for the diagnostics that share them."""
-    return [model.loop_states(x) for x, _ in tqdm(batches, desc="loops", unit="batch",
-                                                  leave=False)]
+    with amp(model, dtype):
+        return [model.loop_states(x) for x, _ in tqdm(batches, desc="loops", unit="batch",
+                                                      leave=False)]
 
 
-def lemma1(model, batches, states=None):
+def cpu_readout(model, loop):
+    """model.readout(., loop) in float64 on the CPU, for a float64 CPU state: copies of the LM
+    head and, when this loop's readout hides the scale, of ln_f. Only these two are copied
+    (not the model), and not on the device: MPS has no float64."""
+    w = model.lm_head.weight.detach().cpu().double()
+    if not READOUTS[model.config.readout].hides_scale(loop, model.config.n_loops):
+        return lambda h: F.linear(h, w)
+    g = model.ln_f.weight.detach().cpu().double()
+    return lambda h: F.linear(F.rms_norm(h, g.shape, g, model.ln_f.eps), w)
+
+
+def lemma1(model, batches, states=None, dtype="float32", chunk_elems=2 ** 24):
     """Lemma 1 on this checkpoint: per token, |cos(dCE/dh_K, h_K)|, with the readout in float64
-    (the loops run as trained). Zero up to rounding for a scale-invariant last readout; clearly
-    non-zero for a scale-visible one."""
+    on the CPU (the loops run as trained). Zero up to rounding for a scale-invariant last
+    readout; clearly non-zero for a scale-visible one."""
     K = model.config.n_loops
-    readout = copy.deepcopy(model).double()  # only its ln_f and lm_head are used
+    readout = cpu_readout(model, K)
+    rows = max(1, chunk_elems // model.config.vocab_size)  # float64 [rows, V] logits at a time
     cos = []
-    for (_, y), hs in zip(batches, states or all_states(model, batches)):
-        h = hs[-1].double().requires_grad_(True)
-        ce = F.cross_entropy(readout.readout(h, K).flatten(0, 1), y.flatten())
-        (g,) = torch.autograd.grad(ce, h)
-        cos.append(F.cosine_similarity(g, h, dim=-1).abs().flatten())
+    for (_, y), hs in zip(batches, states or all_states(model, batches, dtype)):
+        h, y = hs[-1].cpu().double().flatten(0, 1), y.cpu().flatten()
+        # a token's gradient depends on its own readout only, so the batch's mean CE can be
+        # taken in row chunks (a GPT-2 vocabulary's [B*T, V] float64 logits are ~7 GB)
+        for hc, yc in zip(h.split(rows), y.split(rows)):
+            hc = hc.detach().requires_grad_(True)
+            ce = F.cross_entropy(readout(hc), yc, reduction="sum") / len(h)
+            (g,) = torch.autograd.grad(ce, hc)
+            cos.append(F.cosine_similarity(g, hc, dim=-1).abs())
     cos = torch.cat(cos)
     return {"max_abs_cos": cos.max().item(), "mean_abs_cos": cos.mean().item(),
             "n_tokens": cos.numel()}
 
 
 @torch.no_grad()
-def decomposition(model, batches, states=None):
+def decomposition(model, batches, states=None, dtype="float32"):
     """Lemma 2, measured. For loop k -> k+1, u = h_k / ||h_k||, d = h_{k+1} - h_k: the radial part
     a_rad = <d, u>, the tangential part ||d - a_rad u||, the angle between h_k and h_{k+1}, and
     the predicted angle tangential / ||h_k||: a big state barely turns, it only grows."""
     parts = {}
-    for hs in states or all_states(model, batches):
+    for hs in states or all_states(model, batches, dtype):
         for k, (h, h_next) in enumerate(zip(hs, hs[1:]), start=1):
             norm = h.norm(dim=-1)
             d = h_next - h
@@ -284,60 +333,67 @@ def decomposition(model, batches, states=None):
             for name, v in (("norm", norm), ("radial", a_rad), ("tangential", tangential),
                             ("update", d.norm(dim=-1)), ("angle", torch.arccos(cos)),
                             ("predicted_angle", tangential / norm)):
-                parts.setdefault(k, {}).setdefault(name, []).append(v.flatten().double())
+                parts.setdefault(k, {}).setdefault(name, []).append(v.flatten())
     return {k: {name: _stats(torch.cat(v)) for name, v in p.items()} for k, p in parts.items()}
 
 
+def readout_ce(model, h, k, y, dtype="float32"):
+    """Mean CE of the readout of h at loop k, in float32 (the readout in the run's dtype)."""
+    with amp(model, dtype):
+        logits = model.readout(h, k)
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+
 @torch.no_grad()
-def clamped_loop_ce(model, x, y, ref_norms=None):
-    """CE at each exit when every state's per-token norm is reset to a reference (default: its
-    loop-1 norm) before it is decoded and fed to the next loop; the direction is kept."""
+def clamped_loop_ce(model, x, y, ref_norms=None, dtype="float32"):
+    """CE at each exit [K] when every state's per-token norm is reset to a reference (default:
+    its loop-1 norm) before it is decoded and fed to the next loop; the direction is kept."""
     h = model.embed(x)
     ces = []
     for k in range(1, model.config.n_loops + 1):
-        h = model.loop(h, k)
+        with amp(model, dtype):
+            h = model.loop(h, k)
         norm = h.norm(dim=-1, keepdim=True)
         if ref_norms is not None:
             ref = ref_norms[k - 1]
         elif k == 1:
             ref = norm  # every later state is brought back to its token's loop-1 norm
         h = h * (ref / norm)
-        ces.append(F.cross_entropy(model.readout(h, k).flatten(0, 1).float(), y.flatten()).item())
-    return ces
+        ces.append(readout_ce(model, h, k, y, dtype))
+    return torch.stack(ces)
 
 
-def clamp(model, batches, states=None):
+@torch.no_grad()
+def clamp(model, batches, states=None, dtype="float32"):
     """CE per exit with and without the radial clamp (clamped_loop_ce), over the batches."""
     plain, clamped = [], []
-    for (x, y), hs in zip(batches, states or all_states(model, batches)):
-        with torch.no_grad():
-            plain.append([F.cross_entropy(model.readout(h, k).flatten(0, 1).float(),
-                                          y.flatten()).item() for k, h in enumerate(hs, 1)])
-        clamped.append(clamped_loop_ce(model, x, y))
+    for (x, y), hs in zip(batches, states or all_states(model, batches, dtype)):
+        plain.append(torch.stack([readout_ce(model, h, k, y, dtype)
+                                  for k, h in enumerate(hs, 1)]))
+        clamped.append(clamped_loop_ce(model, x, y, dtype=dtype))
+    plain, clamped = torch.stack(plain).cpu().tolist(), torch.stack(clamped).cpu().tolist()
     return {"unclamped_ce": [sum(c) / len(plain) for c in zip(*plain)],
             "clamped_ce": [sum(c) / len(clamped) for c in zip(*clamped)]}
 
 
 @torch.no_grad()
-def scale(model, batches, states=None, alphas=(0.1, 0.3, 1.0, 3.0, 10.0)):
+def scale(model, batches, states=None, dtype="float32", alphas=(0.1, 0.3, 1.0, 3.0, 10.0)):
     """CE of the last loop's readout of alpha * h_K: flat for a scale-invariant readout."""
     K = model.config.n_loops
-    ce = {a: 0.0 for a in alphas}
-    for (_, y), hs in zip(batches, states or all_states(model, batches)):
-        h = hs[-1]
-        for a in alphas:
-            logits = model.readout(a * h, K).flatten(0, 1).float()
-            ce[a] += F.cross_entropy(logits, y.flatten()).item() / len(batches)
-    return {"alpha": list(alphas), "ce": [ce[a] for a in alphas]}
+    ce = [torch.stack([readout_ce(model, a * hs[-1], K, y, dtype) for a in alphas])
+          for (_, y), hs in zip(batches, states or all_states(model, batches, dtype))]
+    ce = torch.stack(ce).cpu().tolist()  # [batch][alpha]
+    return {"alpha": list(alphas), "ce": [sum(c / len(ce) for c in col) for col in zip(*ce)]}
 
 
 @torch.no_grad()
-def spread(model, batches, states=None, bins=40):
+def spread(model, batches, states=None, dtype="float32", bins=40):
     """Per-token ||h_k|| at each loop: p50 / p90 / p99 / max, and a log-binned histogram of the
     last loop's."""
-    per_batch = [[h.norm(dim=-1).flatten().double() for h in hs]
-                 for hs in states or all_states(model, batches)]
-    norms = [torch.cat(n) for n in zip(*per_batch)]
+    per_batch = [[h.norm(dim=-1).flatten() for h in hs]
+                 for hs in states or all_states(model, batches, dtype)]
+    # to the CPU: quantiles in float64 (MPS has none) and torch.histogram (CPU-only)
+    norms = [torch.cat(n).cpu().double() for n in zip(*per_batch)]
     q = torch.tensor([0.5, 0.9, 0.99, 1.0], dtype=torch.float64)
     last = norms[-1].clamp(min=1e-12)
     lo, hi = last.min().log10().item(), last.max().log10().item() + 1e-9
@@ -391,9 +447,13 @@ def main(argv=None):
     cfg, _ = parse("eval.py", OPTIONS, argv, __doc__, together=together)
     device = device_or_exit(cfg.device)
     keep_freed_memory()
-    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
+    # loaded on the CPU: only the model goes to the device, not the optimizer's state
+    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
     model = model_from_checkpoint(ckpt, device)
     run = ckpt["config"]
+    # the run's autocast dtype (float32 for checkpoints older than "resolved"), as this device
+    # allows it: a float16 run evaluated on MPS or the CPU runs in float32, with a warning
+    dtype = pick_dtype(device, run.get("resolved", {}).get("dtype", "float32"))
     K = model.config.n_loops
     if 0 < cfg.max_depth < K and cfg.run in ("depth", "all"):  # full depth is the reference
         error(f"--max_depth={cfg.max_depth} is invalid for this run; accepted: 0 (= 2K) or at "
@@ -409,20 +469,20 @@ def main(argv=None):
         with open(path) as f:
             out = json.load(f)
     # loops 1..K of the batches, computed once for the diagnostics and the per-depth pass
-    shared = all_states(model, batches) if cfg.run in DIAGNOSTICS + ("all",) else None
+    shared = all_states(model, batches, dtype) if cfg.run in DIAGNOSTICS + ("all",) else None
     if cfg.run in ("depth", "all"):
         cal, held, held_data = split_batches(data["val"], cfg.eval_iters, bsz, run["block_size"],
                                              device)
-        out.update(evaluate(model, batches, cal, held, cfg, held_data, decode, shared))
+        out.update(evaluate(model, batches, cal, held, cfg, held_data, decode, shared, dtype))
     if cfg.run in ("lens", "all"):
         try:
             ids = encode(cfg.start)[-run["block_size"]:]
         except ValueError as e:
             die(f"--start={cfg.start!r} cannot be encoded by this run's tokenizer: {e}")
-        out["lens"] = lens(model, ids, decode)
+        out["lens"] = lens(model, ids, decode, dtype)
     for name in DIAGNOSTICS:
         if cfg.run in (name, "all"):
-            out[name] = globals()[name](model, batches, shared)
+            out[name] = globals()[name](model, batches, shared, dtype)
     out["config"] = run
     out["n_loops"] = K
     atomic_write_text(path, json.dumps(out))

@@ -3,20 +3,35 @@
 import json
 import math
 import os
+import re
 import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
+import bench
 from conftest import ROOT, run
+from standin import standin
+
+
+def tiny(*extra):
+    """bench.py's options for a step of a few milliseconds."""
+    cfg, _ = bench.parse("bench.py", bench.OPTIONS, ["--block_size=16", "--batch_size=2",
+                                                     "--n_loops=2", "--steps=2", "--warmup=0",
+                                                     "--gen_tokens=0", *extra])
+    return cfg
 
 
 def test_bench_runs_every_case_and_prints_ratios(tmp_path):
     out = tmp_path / "bench.json"
     p = run("bench.py", "--block_size=32", "--batch_size=2", "--n_loops=2", "--steps=1",
-            "--warmup=0", "--rounds=1", "--gen_tokens=8", f"--json={out}")
+            "--warmup=0", "--rounds=1", "--gen_tokens=8", f"--json={out}", timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
-    for words in ("vocab gpt2", "vocab char", "terminal step time / flat step time",
+    for words in ("n_layer 2, n_head 4, n_embd 128, K 2",  # config/cpu.py's sizes
+                  "peak memory: peak RSS (VmHWM", "vocab gpt2", "vocab char",
+                  "terminal step time / flat step time", "the same, round by round",
                   "dense executed FLOP/s / terminal executed FLOP/s", "nanogpt model FLOP/s",
                   "generation (gpt2), 24->32 tokens: cached"):
         assert words in p.stdout, p.stdout
@@ -31,7 +46,7 @@ def test_bench_runs_every_case_and_prints_ratios(tmp_path):
         assert abs(r["vs_nanogpt"] * ref["model_flops_per_sec"] - r["model_flops_per_sec"]) \
             < 1e-6 * r["model_flops_per_sec"]
     # executed FLOPs add one readout matmul per chunked loop (gpt2 dense), nothing elsewhere
-    V, C = 50257, 128
+    V, C = 50257, bench.read_preset("config/cpu.py", bench.TRAIN_OPTIONS)["n_embd"]
     dense = by[("dense", "gpt2")]
     assert dense["executed_flops_per_token"] - dense["flops_per_token"] == 2 * V * C * (2 - 1)
     assert by[("dense", "char")]["executed_flops_per_token"] == \
@@ -39,21 +54,191 @@ def test_bench_runs_every_case_and_prints_ratios(tmp_path):
     ratios = res["ratios"]["gpt2"]
     t, f = by[("terminal", "gpt2")], by[("flat", "gpt2")]
     assert ratios["terminal step time / flat step time"] == t["step_s"] / f["step_s"]
+    assert ratios["terminal step time / flat step time, by round"] == [t["step_s"] / f["step_s"]]
+
+
+def test_bench_sizes_default_to_the_cpu_preset_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default preset is found next to bench.py
+    assert bench.sizes(tiny()) == (2, 4, 128, 8)  # config/cpu.py
+    assert bench.sizes(tiny("--preset=")) == (8, 8, 512, 64)  # train.py's: the paper's 44M
+
+
+def test_bench_steps_call_the_model_plainly_in_train_mode(monkeypatch):
+    """The bench times what a training loop of one's own gets: model(X, Y), train mode."""
+    calls = []
+    for cls in (bench.LoopedGPT, bench.PlainGPT):
+        def spy(self, *args, _forward=cls.forward, **kwargs):
+            calls.append((type(self).__name__, len(args), kwargs, self.training))
+            return _forward(self, *args, **kwargs)
+        monkeypatch.setattr(cls, "forward", spy)
+    for case in bench.CASES:
+        bench.run_case(tiny(), case, "char", "cpu", "float32")
+    assert len(calls) == 2 * len(bench.CASES)
+    assert {name for name, *_ in calls} == {"LoopedGPT", "PlainGPT"}
+    assert all(n_args == 2 and kwargs == {} and training for _, n_args, kwargs, training in calls)
+
+
+@pytest.mark.parametrize("kind", ["cuda", "mps"])
+def test_bench_step_on_a_standin_device_syncs_before_every_clock(kind, monkeypatch):
+    """Every case's step on a stand-in GPU (tests/standin.py): no CPU tensor meets a device
+    tensor, and the device is synchronized right before each clock read."""
+    events = []
+    monkeypatch.setattr(bench, "synchronize", lambda device: events.append(("sync", device)))
+    clock = time.perf_counter
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: events.append(("clock",)) or clock())
+    for vocab in bench.VOCABS:
+        for case in bench.CASES:
+            if (case, vocab) == ("dense", "gpt2"):
+                continue  # its chunked CE asks autocast about the device type: meta is none
+            with standin(kind) as device:
+                events.clear()
+                bench.run_case(tiny(), case, vocab, device, "float32")
+            clocks = [i for i, e in enumerate(events) if e == ("clock",)]
+            assert len(clocks) == 2 * 2  # two steps, a start and an end each
+            assert all(i > 0 and events[i - 1] == ("sync", device) for i in clocks), events
+
+
+def test_bench_generation_clock_syncs_the_device_mps(monkeypatch):
+    events = []
+    monkeypatch.setattr(bench, "synchronize", lambda device: events.append(("sync", device)))
+    bench._timed(lambda: events.append(("work",)), "mps")
+    assert events == [("sync", "mps"), ("work",), ("sync", "mps")]
+
+
+@pytest.mark.parametrize("name, tflops", [
+    ("NVIDIA L40S", 362), ("NVIDIA L4", 121), ("NVIDIA L40", 181),
+    ("NVIDIA H100 PCIe", 756), ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 NVL", 835),
+    ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA A10G", None), ("NVIDIA GeForce GTX 1080", None)])
+def test_bench_mfu_uses_the_exact_cuda_gpu_peak(name, tflops, monkeypatch):
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: asked.append(device)
+                        or name)
+    flops, text = bench.device_peak("cuda:1")
+    assert asked == ["cuda:1"]  # this GPU, not the current one
+    if tflops is None:
+        assert flops == 0 and "pass --peak_tflops" in text
+    else:
+        assert flops == tflops * 1e12 and f"{tflops} TFLOP/s" in text and name in text
+    assert bench.device_peak("cuda", override=100.0)[0] == 100e12  # --peak_tflops wins
+
+
+def test_bench_mfu_without_a_known_peak_mps():
+    flops, text = bench.device_peak("mps")
+    assert flops == 0 and "no known peak for mps" in text
+
+
+def test_bench_peak_memory_on_each_device(monkeypatch):
+    """CUDA: the named GPU's counters; MPS: not measured (no torch.cuda call); macOS: no /proc."""
+    asked = []
+
+    def counter(value):
+        return lambda device=None: asked.append(device) or value
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", counter(None))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", counter(100))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", counter(350))
+    mark = bench.memory_mark("cuda:1")
+    assert bench.memory_peak("cuda:1", mark) == 250 and asked == ["cuda:1"] * 3
+
+    asked.clear()
+    assert bench.peak_memory_how("mps") is None
+    assert bench.memory_peak("mps", bench.memory_mark("mps")) is None and asked == []
+
+    def no_proc(*args):
+        raise AssertionError("/proc read off Linux")
+    monkeypatch.setattr(bench, "proc_status_bytes", no_proc)
+    monkeypatch.setattr(bench, "reset_peak_rss", no_proc)
+    assert "getrusage" in bench.peak_memory_how("cpu", platform="darwin")
+    mark = bench.memory_mark("cpu", platform="darwin")
+    keep = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB touched: the peak rises
+    added = bench.memory_peak("cpu", mark, platform="darwin")
+    assert isinstance(added, int) and added >= 0 and keep.sum() > 0
+
+
+def test_bench_report_without_peak_memory_mps(capsys):
+    """MPS has no peak counter: the table says n/a and the memory ratios are left out."""
+    results = [{"case": c, "step_s": 0.1, "tokens_per_sec": 100.0, "peak_mem_bytes": None,
+                "flops_per_token": 10.0, "executed_flops_per_token": 10.0}
+               for c in ("terminal", "dense", "flat")]
+    ratios = bench.report(results, "char", 0.0, {"terminal": [0.1, 0.3], "flat": [0.2, 0.1]})
+    out = capsys.readouterr().out
+    assert "n/a" in out and "peak memory" not in out
+    assert ratios["terminal step time / flat step time, by round"] == pytest.approx([0.5, 3])
 
 
 def test_plain_gpt_reference_counts_flops_like_nanogpt():
     from bench import PlainGPT
+    torch.manual_seed(0)  # the check below holds for any seed; a fixed one keeps it repeatable
     m = PlainGPT(vocab_size=100, block_size=16, n_layer=3, n_head=2, n_embd=8)
     n = sum(p.numel() for p in m.parameters()) - m.wpe.weight.numel()  # nanoGPT's N
     assert m.flops_per_token() == 6 * n + 12 * 3 * 8 * 16
-    x = torch.randint(100, (2, 16))
-    _, loss, _ = m(x, x)
+    x, y = torch.randint(100, (2, 2, 16))  # targets apart from the inputs: the tied
+    _, loss, _ = m(x, y)  # embedding would otherwise tilt the logits toward them
     assert abs(loss.item() - math.log(100)) < 0.1  # near-uniform at init, as a GPT starts
 
 
+GPU_CHECK = os.path.join(ROOT, "gpu_check.sh")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script is the real check")
-def test_gpu_check_stops_cleanly_without_a_gpu():
-    p = subprocess.run(["bash", os.path.join(ROOT, "gpu_check.sh")], capture_output=True,
-                       text=True, cwd=ROOT)
+def test_gpu_check_stops_cleanly_without_a_cuda_gpu(tmp_path):
+    # a `python` on PATH that is not ours: the script must run $PYTHON
+    (tmp_path / "python").write_text("#!/bin/sh\necho 'the wrong python' >&2\nexit 99\n")
+    (tmp_path / "python").chmod(0o755)
+    env = dict(os.environ, PYTHON=sys.executable, PATH=f"{tmp_path}:{os.environ['PATH']}")
+    p = subprocess.run(["bash", GPU_CHECK], capture_output=True, text=True, cwd=ROOT, env=env,
+                       timeout=120)
     assert p.returncode != 0 and "torch sees no CUDA device" in p.stderr, p.stderr
-    assert "Traceback" not in p.stderr
+    assert "Traceback" not in p.stderr and "the wrong python" not in p.stderr
+    assert p.stdout == ""
+
+
+def test_gpu_check_runs_every_python_through_PYTHON():
+    """The GPU-absent test above reaches the first call only; the others are read here."""
+    with open(GPU_CHECK) as f:
+        code = [line for line in f if not line.lstrip().startswith("#")]
+    calls = [line for line in code if re.search(r"\bpython3?\b", line)]
+    bare = [line for line in calls if re.search(r"(^\s*|[;&|(]\s*|\$\()python3?\s", line)]
+    assert bare == [], bare
+    scripts = {s for line in code for s in re.findall(r'"\$\{PYTHON:-python\}" (\S+)', line)}
+    assert {"bench.py", "train.py", "eval.py", "sample.py", "-c", "-"} <= scripts
+
+
+def test_gpu_check_table_from_its_files(tmp_path):
+    run_dir = tmp_path / "gpu_44m"
+    run_dir.mkdir()
+    result = {"case": "terminal", "vocab": "gpt2", "step_s": 0.0421, "mfu": 0.383,
+              "tokens_per_sec": 389_000.0}
+    (tmp_path / "gpu_bench.json").write_text(json.dumps({
+        "device": "cuda", "gpu": "NVIDIA H200", "dtype": "bfloat16", "results": [result],
+        "ratios": {"gpt2": {"terminal step time / flat step time": 1.0123}},
+        "generation": {"cached": 812.5, "recompute": 301.0}}))
+    log = {"iter": 300, "val_loop_ce": [7.1, 6.2, 5.8, 5.4321], "hidden_norm": [10, 20, 40, 81.5],
+           "tokens_per_sec": 250_000.0}
+    (run_dir / "log.jsonl").write_text(json.dumps({**log, "iter": 150}) + "\n"
+                                      + json.dumps(log) + "\n")
+    halting = {"threshold": 2.5, "mean_loops": 3.21, "ppl": 230.0, "ratio": 1.0098}
+    (run_dir / "eval.json").write_text(json.dumps({
+        "n_loops": 4, "full_depth_ppl": 227.75, "target": 1.01,
+        "halting": {"token": {"logit_margin": halting}}}))
+    (tmp_path / "gpu_sample_fixed.txt").write_text(
+        "text\n---------------\nmean loops per generated token: 4.00 of 4 (fixed depth)\n")
+    table = bench.gpu_check_table(str(tmp_path))
+    lines = table.splitlines()
+    assert lines[0] == "gpu_check summary (NVIDIA H200, bfloat16)"
+    for what, value in [("bench terminal (gpt2)", "42.1 ms / 38.3% / 389,000"),
+                        ("bench terminal / flat step time (gpt2)", "x1.012"),
+                        ("bench generation", "812.5 / 301.0"),
+                        ("train iter 300: val CE at loop K / ||h_K||", "5.4321 / 81.5"),
+                        ("eval full-depth val PPL", "227.750"),
+                        ("eval calibrated mean loops", "3.21 of 4, PPL x1.0098"),
+                        ("sample fixed", "4.00 of 4 (fixed depth)"),
+                        ("sample adaptive", "-")]:  # a step that wrote nothing
+        row = [line for line in lines if line.strip().startswith(what)]
+        assert len(row) == 1 and row[0].rstrip().endswith(value), (what, table)
+    assert bench.calibrated_exit(str(run_dir / "eval.json")) == \
+        "--exit_policy=logit_margin --exit_threshold=2.5"
+    halting["threshold"] = None  # no early exit kept the PPL target
+    (run_dir / "eval.json").write_text(json.dumps({"halting": {"token": {"logit_margin":
+                                                                         halting}}}))
+    assert bench.calibrated_exit(str(run_dir / "eval.json")) == "--exit_policy=max_prob"
+    assert bench.gpu_check_table(str(tmp_path / "nothing")).count(" -") == 5

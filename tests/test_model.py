@@ -167,6 +167,9 @@ def test_a_few_steps_lower_the_loss(readout, extra):
         opt.zero_grad()
         loss.backward()
         for name, p in model.named_parameters():
+            if name.startswith("ln_f") and not any(
+                    READOUTS[readout].hides_scale(k, 3) for k in model.config.trained_loops()):
+                continue  # RMSNorm'd only at loops the loss does not train: measured, not trained
             assert p.grad is not None and p.grad.abs().sum() > 0, name
         opt.step()
         first = first if first is not None else loss.item()
@@ -252,12 +255,13 @@ def test_terminal_step_decodes_only_the_trained_loop(readout, monkeypatch):
         monkeypatch.setattr(model, "readout", lambda h, k: calls.append(k) or readout_fn(h, k))
         _, loss, stats = model(idx, tgt, all_exits=all_exits)
         loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        grads = {n: p.grad for n, p in model.named_parameters()}
         results[all_exits] = (loss, stats, grads, calls)
     (l_all, s_all, g_all, c_all), (l_one, s_one, g_one, c_one) = results[True], results[False]
     assert c_all == [1, 2, 3] and c_one == [3]
     assert torch.equal(l_all, l_one)
-    assert all(torch.equal(g_all[n], g_one[n]) for n in g_all)
+    assert all((g_all[n] is None and g_one[n] is None) or torch.equal(g_all[n], g_one[n])
+               for n in g_all)
     assert torch.isnan(s_one["loop_ce"][:2]).all() and s_one["loop_ce"][2] == s_all["loop_ce"][2]
     assert torch.isfinite(s_all["loop_ce"]).all()
     assert torch.equal(s_one["hidden_norm"], s_all["hidden_norm"])

@@ -1,11 +1,15 @@
 """sample.py: generation with a KV cache per (loop, layer), adaptive exit, and --show_depth."""
 
+import math
+
 import pytest
 import torch
 
+import sample
 from conftest import run
-from model import LoopedGPT, LoopedGPTConfig
+from model import LoopedGPT, LoopedGPTConfig, exit_score, exits
 from sample import KVCache, depth_colours, exit_step, generate, parse_depth, render_depth
+from standin import standin
 from rundir import load_checkpoint, model_from_checkpoint
 
 
@@ -51,18 +55,164 @@ def test_kv_cache_rule_for_early_exit():
     assert torch.allclose(model.readout(full[-1][:, -1], 3), uncached)
 
 
-def test_kv_cache_matches_recompute_and_adaptive_runs(tiny_runs):
-    model = trained(tiny_runs["scale_visible"]).double()
-    prompt = torch.randint(model.config.vocab_size, (2, 5),
-                           generator=torch.Generator().manual_seed(0))
-    for k in (1, model.config.n_loops):
-        a, _ = generate(model, prompt, 40, temperature=0, n_loops=k, use_cache=True)
-        b, _ = generate(model, prompt, 40, temperature=0, n_loops=k, use_cache=False)
-        assert torch.equal(a, b)  # 45 > block_size 32: the refill path runs too
-    out, loops = generate(model, prompt, 20, temperature=0, exit_policy="max_prob",
-                          exit_threshold=0.2)
-    assert out.shape == (2, 25) and loops.shape == (2, 20)
-    assert ((1 <= loops) & (loops <= model.config.n_loops)).all()
+# ---- the KV cache against a recompute, at the logits ------------------------------------------
+
+def lively(**kw):
+    """A random tiny model whose logits depend on the tokens and their positions (std 0.5, not
+    0.02: a barely trained or freshly initialised model predicts nearly the same thing
+    everywhere, so a cache that forgets its context or positions would still match)."""
+    model = tiny(n_loops=4, **kw).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.5)
+    return model
+
+
+def recompute_step(model, idx, exit_at, K, policy, threshold):
+    """The logits of idx's last position and its exit loop, from scratch, written out here
+    rather than taken from sample.py. The cache rule, recomputed: position p of row b exited at
+    loop exit_at[b, p], so at every deeper loop its keys/values are that loop's."""
+    B, T = idx.shape
+    exit_at = torch.cat([exit_at, torch.full((B, 1), K)], dim=1)  # the last: decided below
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    h = model.embed(idx)
+    above = None  # each layer's keys/values at the loop above
+    decided = torch.zeros(B, dtype=torch.bool)
+    chosen = None
+    for k in range(1, K + 1):
+        if k > 1 and model.loop_rmsnorm is not None:
+            h = model.loop_rmsnorm(h)
+        here = []
+        for i, layer in enumerate(model.block):
+            attn = layer.attn
+            C, H = h.size(-1), attn.n_head
+            q, key, v = (t.view(B, T, H, C // H).transpose(1, 2)
+                         for t in attn.c_attn(layer.ln_1(h)).split(C, dim=2))
+            if above is not None:
+                frozen = (exit_at < k)[:, None, :, None]
+                key = torch.where(frozen, above[i][0], key)
+                v = torch.where(frozen, above[i][1], v)
+            here.append((key, v))
+            att = (q @ key.transpose(-2, -1)) / math.sqrt(C // H)
+            att = att.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+            h = h + attn.c_proj((att @ v).transpose(1, 2).reshape(B, T, C))
+            h = h + layer.mlp(layer.ln_2(h))
+        above = here
+        logits = model.readout(h[:, -1], k)
+        chosen = torch.empty_like(logits) if chosen is None else chosen
+        newly = ~decided & (exits(exit_score(logits, policy), policy, threshold) | (k == K))
+        chosen[newly] = logits[newly]
+        exit_at[newly, -1] = k
+        decided |= newly
+    return chosen, exit_at[:, -1]
+
+
+def recomputed(model, out, P, K, policy, threshold, use_cache):
+    """Every step's logits [B, new, V] and exit loops [B, new] for the tokens `out` (prompt of
+    P tokens), each recomputed from its whole window. The windows as generate documents them:
+    with a cache the prompt's last block_size tokens, grown one token a step and, once full,
+    refilled from the last block_size // 2 tokens (which run every loop again); without one the
+    last block_size tokens, all at full depth."""
+    bs = model.config.block_size
+    B, L = out.shape
+    start = max(0, P - bs)
+    exit_of = {}  # position -> exit loops of the tokens decided since the window began
+    logits, loops = [], []
+    for end in range(P, L):  # the window out[:, start:end] predicts token `end`
+        if not use_cache:
+            start = max(0, end - bs)
+        elif end - start > bs:
+            start = end - bs // 2
+            exit_of = {}
+        window = out[:, start:end]
+        if policy is None:
+            step = model(window, n_loops=K)[0][:, -1]
+            used = torch.full((B,), K)
+        else:
+            earlier = [exit_of.get(p, torch.full((B,), K)) for p in range(start, end - 1)]
+            earlier = torch.stack(earlier, 1) if earlier else torch.zeros(B, 0, dtype=torch.long)
+            step, used = recompute_step(model, window, earlier, K, policy, threshold)
+        if use_cache:
+            exit_of[end - 1] = used
+        logits.append(step)
+        loops.append(used)
+    return torch.stack(logits, 1), torch.stack(loops, 1)
+
+
+def generated(model, prompt, n, monkeypatch, **kw):
+    """generate's tokens, exit loops and the logits it sampled each token from."""
+    seen = []
+    real = sample.sample_next
+
+    def recording(logits, temperature, top_k):
+        seen.append(logits.clone())
+        return real(logits, temperature, top_k)
+    monkeypatch.setattr(sample, "sample_next", recording)
+    torch.manual_seed(0)  # temperature 1: varied tokens, so the context matters
+    out, loops = generate(model, prompt, n, temperature=1.0, **kw)
+    return out, loops, torch.stack(seen, 1)
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no_cache"])
+@pytest.mark.parametrize("n_loops", [2, 4])
+def test_kv_cache_fixed_depth_matches_recompute_at_the_logits(use_cache, n_loops, monkeypatch):
+    model = lively()
+    prompt = torch.randint(37, (3, 5), generator=torch.Generator().manual_seed(1))
+    out, loops, logits = generated(model, prompt, 30, monkeypatch, n_loops=n_loops,
+                                   use_cache=use_cache)  # 35 > 16 = block_size: two refills
+    with torch.no_grad():
+        want, want_loops = recomputed(model, out, 5, n_loops, None, None, use_cache)
+    assert logits.std() > 1.0  # the logits differ by token and position
+    assert torch.allclose(logits, want, rtol=0, atol=1e-10)
+    assert torch.equal(loops, want_loops)
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no_cache"])
+def test_kv_cache_adaptive_exit_matches_recompute_at_the_logits(use_cache, monkeypatch):
+    """Rows exit at different loops, token by token; with a cache each exited token's deeper
+    keys/values are its exit loop's (exit_step's rule), across two refills of the cache."""
+    model = lively()
+    K = model.config.n_loops
+    prompt = torch.randint(37, (3, 5), generator=torch.Generator().manual_seed(1))
+    out, loops, logits = generated(model, prompt, 30, monkeypatch, exit_policy="max_prob",
+                                   exit_threshold=0.35, use_cache=use_cache)
+    with torch.no_grad():
+        want, want_loops = recomputed(model, out, 5, K, "max_prob", 0.35, use_cache)
+    assert set(loops.unique().tolist()) == set(range(1, K + 1))  # every depth is used
+    assert (loops != loops[0]).any(dim=0).sum() >= 10  # rows exit at different loops
+    assert (loops.amax(dim=0) < K).sum() >= 3  # and some steps skip the deeper loops for all
+    assert torch.allclose(logits, want, rtol=0, atol=1e-10)
+    assert torch.equal(loops, want_loops)
+
+
+# ---- generation on an accelerator: the stand-in (tests/standin.py) --------------------------
+
+@pytest.mark.parametrize("kind", ["cuda", "mps"])
+@pytest.mark.parametrize("policy,everyone", [(None, None), ("max_prob", False),
+                                             ("max_prob", True)],
+                         ids=["fixed", "adaptive", "adaptive_all_exit"])
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no_cache"])
+def test_generate_on_device_standin(kind, policy, everyone, use_cache, monkeypatch):
+    """Generation's tensors (prompt, caches, exits, sampled tokens) stay on the model's device
+    and nothing reads a value back, but for the one check adaptive exit needs: whether every row
+    has exited, which the test answers (no values on the stand-in), both ways."""
+    asked = []
+
+    def everyone_exited(done):
+        assert policy is not None, "fixed depth reads nothing back from the device"
+        asked.append(done.device.type)
+        return everyone
+    monkeypatch.setattr(sample, "everyone_exited", everyone_exited)
+    prompt = torch.zeros(2, 3, dtype=torch.long)  # on the CPU: generate moves it
+    with standin(kind) as device:
+        model = tiny(n_loops=3).to(device)
+        out, loops = generate(model, prompt, 20, temperature=0.8, top_k=5,
+                              exit_policy=policy, exit_threshold=0.5, use_cache=use_cache)
+    assert out.device.type == loops.device.type == device  # 23 > block_size 16: a refill
+    assert out.shape == (2, 23) and loops.shape == (2, 20) and loops.dtype == torch.long
+    if policy:
+        assert asked and set(asked) == {device}
 
 
 @pytest.mark.parametrize("colour", [True, False])
