@@ -153,7 +153,7 @@ class SwiGLU(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         # two projections rather than one split in halves: a split's backward concatenates
-        # the two gradients, a copy of the widest activation that costs ~4% of a CPU step
+        # the two gradients, a copy of the widest activation
         self.c_gate = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
