@@ -527,8 +527,9 @@ def main(argv=None):
     peak_flops, peak_src = device_peak(device, cfg.peak_tflops)
     memory_how = peak_memory_how(device) or f"not measured on {kind}"
     n_layer, n_head, n_embd, batch = sizes(cfg)
+    threads = f" ({torch.get_num_threads()} threads)" if kind == "cpu" else ""
     print(f"n_layer {n_layer}, n_head {n_head}, n_embd {n_embd}, K {cfg.n_loops}, sequence "
-          f"{cfg.block_size}, batch {cfg.batch_size or batch}, {device} {dtype}"
+          f"{cfg.block_size}, batch {cfg.batch_size or batch}, {device}{threads} {dtype}"
           f"{' compiled' if cfg.compile else ''}; MFU against {peak_src}; peak memory: "
           f"{memory_how}")
     summary = {"device": device, "dtype": dtype, "peak_flops": peak_flops, "peak_src": peak_src,

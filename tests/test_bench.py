@@ -16,6 +16,16 @@ from conftest import ROOT, run
 from standin import standin
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One CPU thread for the steps run here: on a busy machine two threads wait on each other
+    at every op (10x slower), and these tests check what is called, not how fast."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny(*extra):
     """bench.py's options for a step of a few milliseconds."""
     cfg, _ = bench.parse("bench.py", bench.OPTIONS, ["--block_size=16", "--batch_size=2",
@@ -27,9 +37,11 @@ def tiny(*extra):
 def test_bench_runs_every_case_and_prints_ratios(tmp_path):
     out = tmp_path / "bench.json"
     p = run("bench.py", "--block_size=32", "--batch_size=2", "--n_loops=2", "--steps=1",
-            "--warmup=0", "--rounds=1", "--gen_tokens=8", f"--json={out}", timeout=600)
+            "--warmup=0", "--rounds=1", "--gen_tokens=8", f"--json={out}", timeout=600,
+            env=dict(os.environ, OMP_NUM_THREADS="1"))  # as one_thread, for its processes
     assert p.returncode == 0, p.stderr[-2000:]
     for words in ("n_layer 2, n_head 4, n_embd 128, K 2",  # config/cpu.py's sizes
+                  "cpu (1 threads)",
                   "peak memory: peak RSS (VmHWM", "vocab gpt2", "vocab char",
                   "terminal step time / flat step time", "the same, round by round",
                   "dense executed FLOP/s / terminal executed FLOP/s", "nanogpt model FLOP/s",

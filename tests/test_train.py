@@ -155,3 +155,23 @@ def test_freed_activations_are_reused_not_page_faulted_back():
         faults[mode] = int(out.stdout)
     assert faults["plain"] > 512, faults  # without it: at least one [8, 128, 512] block a step
     assert faults["keep"] < 64, faults
+
+
+def test_every_model_knob_reaches_help_banner_and_log(data_dir, tmp_path, capsys):
+    """A model knob is declared once, in LoopedGPTConfig: train.py's --help, checks, start-up
+    banner and log must all show it with no other edit."""
+    from dataclasses import fields
+
+    from model import LoopedGPTConfig
+    from train import OPTIONS, main
+    knobs = [f.name for f in fields(LoopedGPTConfig) if f.name != "vocab_size"]
+    assert all(k in OPTIONS for k in knobs)
+    main(TINY + [f"--data_dir={data_dir}", "--dataset=tiny_char", f"--out_dir={tmp_path}",
+                 "--max_iters=0", "--readout=final_only"])
+    banner = capsys.readouterr().out
+    for f in fields(LoopedGPTConfig):
+        if f.name != "vocab_size":
+            assert f"{f.name}=" in banner, f.name
+    assert "readout=final_only" in banner and "n_loops=3" in banner
+    config = read_log(tmp_path)[0]["config"]
+    assert all(f.name in config for f in fields(LoopedGPTConfig))
