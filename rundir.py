@@ -7,10 +7,12 @@ plot_norms.py read.
   out_dir/eval.json    eval.py's results
   data_dir/<dataset>/  train.bin, val.bin (token ids) and meta.json, from prepare.py
 
-Every write is atomic (a kill leaves the old file or the new one, never half of one), and every
-failure a user can meet (no data, a foreign checkpoint) ends in one line that says what to do.
+Every write is atomic (a kill or a full disk leaves the old file or the new one, never half of
+one), and every failure a user can meet (no data, damaged files, a foreign checkpoint, a folder
+that cannot be written, a second run in the same folder) ends in one line that says what to do.
 """
 
+import errno
 import json
 import os
 import sys
@@ -28,26 +30,115 @@ def die(msg):
     sys.exit(1)
 
 
-# ---- atomic writes ---------------------------------------------------------------------------
+# ---- the folder and atomic writes ------------------------------------------------------------
+
+def writable_folder(folder, flag="--out_dir"):
+    """Make sure `folder` exists and takes a new file, before anything in it is touched."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        die(f"{flag}={folder} is a file, not a folder; choose a folder")
+    probe = os.path.join(folder, f".write_test.{os.getpid()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("x")
+        os.remove(probe)
+    except OSError as e:
+        die(f"cannot write to {flag}={folder} ({e.strerror}); choose a writable folder")
+
+
+def writable_parent(path, flag):
+    """An output file's folder must exist and take files (checked before the work, not after)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        die(f"{flag}={path}: the folder {folder} does not exist; create it or choose another")
+    if not os.access(folder, os.W_OK):
+        die(f"{flag}={path}: the folder {folder} is not writable; choose another")
+
+
+_locks = {}  # folder -> its open lock file: a lock lasts as long as the process
+
+
+def lock_folder(folder, what="train.py"):
+    """One run per folder: an exclusive lock on folder/.lock, which the OS drops when the process
+    ends, however it ends (a killed run never leaves it stuck). A process may take its own lock
+    again (tests call train.main twice)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; run one process per folder
+        return
+    key = os.path.realpath(folder)
+    if key in _locks:
+        return
+    f = open(os.path.join(folder, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        die(f"{folder} is in use by {holder}; wait for it to finish, or use another --out_dir")
+    f.seek(0)
+    f.truncate()
+    f.write(f"{what} (pid {os.getpid()})")
+    f.flush()
+    _locks[key] = f
+
+
+def _atomic_write(path, write, mode):
+    """write(f) into a temp file beside `path`, fsync, rename over `path`. A kill or a full disk
+    at any moment leaves the old file whole; the temp file (named by process id, so two writers
+    never share one) is removed on failure."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class _WriteErrors:
+    """A file that remembers the OSError of a failed write: torch.save's zip writer reports a
+    full disk as a RuntimeError about file positions, and the real cause would be lost."""
+
+    def __init__(self, f):
+        self.f = f
+        self.error = None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
 
 def atomic_save(obj, path):
-    """torch.save to a temp file, fsync, rename: a kill at any moment leaves the old or new file.
-    The temp name carries the process id, so two writers never share one."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    def save(f):
+        recorder = _WriteErrors(f)
+        try:
+            torch.save(obj, recorder)
+        except RuntimeError:
+            if recorder.error:
+                raise recorder.error from None
+            raise
+    _atomic_write(path, save, "wb")
 
 
 def atomic_write_text(path, text):
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _atomic_write(path, lambda f: f.write(text), "w")
+
+
+def disk_error(e, path, kept):
+    """One line for a failed write: what failed, why, and what was kept."""
+    why = "the disk is full" if e.errno == errno.ENOSPC else e.strerror
+    return f"could not write {path} ({why}); {kept}"
 
 
 # ---- the checkpoint --------------------------------------------------------------------------
@@ -94,29 +185,48 @@ def model_from_checkpoint(ckpt, device):
 # ---- the log ---------------------------------------------------------------------------------
 
 def append_log(path, entry):
-    """One line per evaluation; written whole then fsynced, so a kill leaves no torn line."""
-    with open(path, "a") as f:
-        f.write(json.dumps(entry) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """One line per evaluation, appended whole and fsynced. If the write fails part-way (a full
+    disk), the file is cut back to where it was: no torn line, nothing earlier lost."""
+    line = (json.dumps(entry) + "\n").encode()
+    with open(path, "ab") as f:
+        size = f.tell()
+        try:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError:
+            f.truncate(size)
+            raise
 
 
-def trim_log(path, before_iter):
-    """On resume: cut the log back to the entries before the checkpoint's iteration (and any torn
-    tail from a kill), so re-running from there leaves no duplicated line."""
-    if not os.path.isfile(path):
-        return
-    keep = 0
+def read_log(path):
+    """The entries of a log.jsonl; lines that are not an entry (blank, hand-edited, a torn tail
+    from a kill mid-write) are skipped, never a reason to drop the lines after them."""
+    entries = []
     with open(path, "rb") as f:
         for line in f:
             try:
-                if not line.endswith(b"\n") or json.loads(line)["iter"] >= before_iter:
-                    break
-            except (ValueError, KeyError):
-                break
-            keep += len(line)
-    with open(path, "r+b") as f:
-        f.truncate(keep)
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and isinstance(entry.get("iter"), int):
+                entries.append(entry)
+    return entries
+
+
+def resume_log(path, ckpt):
+    """On resume, the log gets what it lacks and loses nothing. The checkpoint carries its own
+    log entry (the checkpoint is written first): when a kill came between the two, that entry is
+    appended now, with its real throughput. A torn last line (a kill mid-write) is completed
+    with a newline so the next entry starts on a line of its own."""
+    if os.path.isfile(path) and os.path.getsize(path) > 0:
+        with open(path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+    logged = {e["iter"] for e in read_log(path)} if os.path.isfile(path) else set()
+    if ckpt["iter_num"] not in logged and "log_entry" in ckpt:
+        append_log(path, ckpt["log_entry"])
 
 
 # ---- the data --------------------------------------------------------------------------------
@@ -132,13 +242,30 @@ def load_data(data_dir, dataset, block_size):
         if not dataset.startswith("shakespeare_"):
             cmd += f" --input=YOUR_FILES --name={dataset}"
         die(f"no training data in {path}/ (train.bin, meta.json); make it with: {cmd}")
-    meta = json.loads((path / "meta.json").read_text())
+    redo = f"prepare it again (python prepare.py ... --name={dataset})"
+    try:
+        meta = json.loads((path / "meta.json").read_bytes())
+    except (ValueError, OSError) as e:
+        die(f"{path}/meta.json is damaged ({type(e).__name__}); {redo}")
+    missing = [k for k in ("tokenizer", "vocab_size", "dtype", "train_tokens", "val_tokens")
+               if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        die(f"{path}/meta.json lacks {', '.join(missing)}; {redo}")
+    vocab_key = {"char": "chars", "word": "words"}.get(meta["tokenizer"])
+    if vocab_key and len(meta.get(vocab_key) or ()) != meta["vocab_size"]:
+        die(f"{path}/meta.json's {vocab_key} do not match its vocab_size; {redo}")
+    itemsize = np.dtype(meta["dtype"]).itemsize
     data = {}
     for split in ("train", "val"):
-        data[split] = np.memmap(path / f"{split}.bin", dtype=meta.get("dtype", "uint16"), mode="r")
-        if len(data[split]) <= block_size + 1:
-            die(f"{path}/{split}.bin has {len(data[split])} tokens, too few for "
-                f"--block_size={block_size}")
+        file = path / f"{split}.bin"
+        size = file.stat().st_size if file.is_file() else 0
+        if size % itemsize or size // itemsize != meta[f"{split}_tokens"]:
+            die(f"{file} holds {size} bytes, but meta.json says {meta[f'{split}_tokens']} tokens "
+                f"of {itemsize} bytes: the files do not belong together (a cut or interrupted "
+                f"prepare?); {redo}")
+        if size // itemsize <= block_size + 1:
+            die(f"{file} has {size // itemsize} tokens, too few for --block_size={block_size}")
+        data[split] = np.memmap(file, dtype=meta["dtype"], mode="r")
     return data, meta
 
 

@@ -15,6 +15,7 @@ the CPU demo and the paper's presets. Every eval_interval one JSON line goes to 
 
 import math
 import os
+import sys
 import time
 
 import torch
@@ -25,8 +26,9 @@ from configurator import device_or_exit, one_of, parse
 from device import autocast, ddp_device, keep_freed_memory, pick_dtype, rng_state
 from device import set_rng_state
 from model import LoopedGPT, LoopedGPTConfig
-from rundir import MODEL_KEYS, append_log, atomic_save, die, eval_seed, get_batch
-from rundir import load_checkpoint, load_data, model_config, model_from_checkpoint, trim_log
+from rundir import MODEL_KEYS, append_log, atomic_save, die, disk_error, eval_seed, get_batch
+from rundir import load_checkpoint, load_data, lock_folder, model_config, model_from_checkpoint
+from rundir import resume_log, writable_folder
 
 POSITIVE = check("a number > 0", lambda v: v > 0, [0.0, -1.0])
 FOLDER_NAME = check("a folder name (no '/')", lambda v: v != "" and "/" not in v, ["", "a/b"])
@@ -39,6 +41,8 @@ OPTIONS = {
     "log_interval": (10, "refresh the progress bar every this many iterations", at_least(1)),
     "init_from": ("scratch", "scratch, or resume (continue out_dir/ckpt.pt and its log)",
                   one_of("scratch", "resume")),
+    "overwrite": (False, "scratch into an out_dir that holds a run replaces that run (without "
+                         "this, the run is kept and train.py stops)", None),
     # data
     "dataset": ("shakespeare_char", "folder under data_dir made by prepare.py", FOLDER_NAME),
     "data_dir": ("data", "where prepare.py wrote the datasets", NONEMPTY),
@@ -74,7 +78,7 @@ OPTIONS = {
     "skip_nonfinite": (False, "skip steps whose gradient is NaN/inf instead of stopping", None),
 }
 RUN_KEYS = MODEL_KEYS + ["dataset"]  # what a resumed run may not change
-IO_KEYS = ("out_dir", "data_dir", "init_from", "log_interval")  # not part of an experiment
+IO_KEYS = ("out_dir", "data_dir", "init_from", "overwrite", "log_interval")  # not experiment
 
 
 def together(cfg, explicit):
@@ -207,6 +211,9 @@ def main(argv=None):
         ckpt = load_checkpoint(ckpt_path)
         resume_options(cfg, explicit, ckpt)
         options = vars(cfg).copy()
+    elif os.path.isfile(ckpt_path) and not cfg.overwrite:
+        die(f"{cfg.out_dir} already holds a run; continue it with --init_from=resume, choose "
+            f"another --out_dir, or replace it with --overwrite=True")
 
     # ---- where it runs: one process, or one per GPU under torchrun (which sets RANK) ----
     ddp = "RANK" in os.environ
@@ -280,16 +287,16 @@ def main(argv=None):
     params = [p for p in raw_model.parameters() if p.requires_grad]
     trained = raw_model.config.trained_loops()
 
-    if master:
+    if master:  # the folder is checked and locked before anything in it is touched
+        writable_folder(cfg.out_dir)
+        lock_folder(cfg.out_dir)
         try:
-            os.makedirs(cfg.out_dir, exist_ok=True)
             if ckpt:
-                trim_log(log_path, iter_num)
+                resume_log(log_path, ckpt)
             else:
                 open(log_path, "w").close()
         except OSError as e:
-            die(f"cannot write to --out_dir={cfg.out_dir!r} ({e.strerror}); "
-                f"choose a writable folder")
+            die(disk_error(e, log_path, "nothing else was changed"))
         print(banner(raw_model, cfg, world, iter_num if ckpt else 0))
         if dev == "cpu" and raw_model.get_num_params() > 10e6:
             print("note: a model this size trains slowly on a CPU; the CPU demo is "
@@ -304,86 +311,106 @@ def main(argv=None):
     skipped = 0
 
     # ---- the training loop ----
-    while True:
-        lr = get_lr(iter_num, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    resumed_at = saved_at = ckpt["iter_num"] if ckpt else None  # saved_at: the last checkpoint
+    try:
+        while True:
+            lr = get_lr(iter_num, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
-        # every eval_interval: evaluate, checkpoint (finite models only), then log. A kill
-        # between the two is repaired on resume.
-        if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
+            # every eval_interval: evaluate, checkpoint (finite models only), then log. A kill
+            # between the two is repaired on resume. Not at the iteration a resume starts
+            # from: that one is logged already.
+            due = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters
+            due = due and iter_num != resumed_at
             rngs = [rng_state(cfg.device)]
-            if ddp:  # every process's RNG state, so that a resume continues each one
+            if due and ddp:  # every process's RNG state, so that a resume continues each one
                 import torch.distributed as dist
                 rngs = [None] * world
                 dist.all_gather_object(rngs, rng_state(cfg.device))
-        if master and (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters):
-            ev = {k: v.tolist() for k, v in evaluate(raw_model, batch, cfg.eval_iters,
-                                                      cfg.dtype).items()}
-            seconds = max(1e-9, time.time() - t_last)
-            tokens_per_sec = tokens_per_iter * (iter_num - iter_last) / seconds
-            values = ev["train_loop_ce"] + ev["val_loop_ce"] + ev["hidden_norm"]
-            if not all(map(math.isfinite, values)):
-                die(nonfinite_message(iter_num, ev["val_loop_ce"], ev["hidden_norm"],
-                                      range(1, len(ev["val_loop_ce"]) + 1), ckpt_path))
-            if not warned_fp16 and cfg.dtype == "float16":
-                warning = fp16_warning(ev["hidden_norm"], cfg.n_embd)
-                if warning:
-                    tqdm.write(warning)
-                    warned_fp16 = True
-            elapsed = elapsed0 + time.time() - t_start
-            atomic_save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "rng": rngs, "iter_num": iter_num,
-                         "config": run_config, "meta": meta, "elapsed": elapsed}, ckpt_path)
-            append_log(log_path, {"iter": iter_num, "lr": lr, **ev,
-                                  "tokens_per_sec": tokens_per_sec, "elapsed": elapsed,
-                                  "skipped_steps": skipped, "config": run_config})
-            ces = " ".join(f"{c:.3f}" for c in ev["val_loop_ce"])
-            norms = " ".join(f"{n:.3g}" for n in ev["hidden_norm"])
-            tqdm.write(f"iter {iter_num}: val CE per loop {ces} | ||h_k|| {norms} | "
-                       f"{tokens_per_sec:,.0f} tok/s")
-            t_last, iter_last = time.time(), iter_num
-        if iter_num >= cfg.max_iters:
-            break
+            if master and due:
+                ev = {k: v.tolist() for k, v in evaluate(raw_model, batch, cfg.eval_iters,
+                                                          cfg.dtype).items()}
+                seconds = max(1e-9, time.time() - t_last)
+                tokens_per_sec = tokens_per_iter * (iter_num - iter_last) / seconds
+                values = ev["train_loop_ce"] + ev["val_loop_ce"] + ev["hidden_norm"]
+                if not all(map(math.isfinite, values)):
+                    die(nonfinite_message(iter_num, ev["val_loop_ce"], ev["hidden_norm"],
+                                          range(1, len(ev["val_loop_ce"]) + 1), ckpt_path))
+                if not warned_fp16 and cfg.dtype == "float16":
+                    warning = fp16_warning(ev["hidden_norm"], cfg.n_embd)
+                    if warning:
+                        tqdm.write(warning)
+                        warned_fp16 = True
+                elapsed = elapsed0 + time.time() - t_start
+                entry = {"iter": iter_num, "lr": lr, **ev, "tokens_per_sec": tokens_per_sec,
+                         "elapsed": elapsed, "skipped_steps": skipped, "config": run_config}
+                try:  # the checkpoint carries its log entry: a kill between the two loses none
+                    atomic_save({"model": raw_model.state_dict(),
+                                 "optimizer": optimizer.state_dict(),
+                                 "scaler": scaler.state_dict(), "rng": rngs,
+                                 "iter_num": iter_num, "config": run_config, "meta": meta,
+                                 "elapsed": elapsed, "log_entry": entry}, ckpt_path)
+                    saved_at = iter_num
+                    append_log(log_path, entry)
+                except OSError as e:
+                    path = log_path if saved_at == iter_num else ckpt_path
+                    die(disk_error(e, path, f"the checkpoint of iter {saved_at} and the log "
+                                            f"before it are kept; free space, then resume"))
+                ces = " ".join(f"{c:.3f}" for c in ev["val_loop_ce"])
+                norms = " ".join(f"{n:.3g}" for n in ev["hidden_norm"])
+                tqdm.write(f"iter {iter_num}: val CE per loop {ces} | ||h_k|| {norms} | "
+                           f"{tokens_per_sec:,.0f} tok/s")
+                t_last, iter_last = time.time(), iter_num
+            if iter_num >= cfg.max_iters:
+                break
 
-        # one optimizer step over this process's micro-batches; in training mode the model
-        # decodes only the exits its loss trains
-        for i, (micro, rows) in enumerate(my_micro_batches):
-            X, Y = batch("train", train_seed(cfg.seed, iter_num, micro))
-            if ddp:  # all-reduce the gradients on the last micro-batch only
-                model.require_backward_grad_sync = i == len(my_micro_batches) - 1
-            with autocast(cfg.device, cfg.dtype):
-                _, loss, stats = model(X[rows], Y[rows])
-            scaler.scale(loss / len(my_micro_batches)).backward()
-        scaler.unscale_(optimizer)  # a no-op without float16's scaler
-        if cfg.skip_nonfinite:
-            # decided on the all-reduced gradient, which every process shares: all skip or
-            # none does (a rank's own loss would let the processes drift apart)
-            norm = grad_norm(params)
-            step_ok = bool(torch.isfinite(norm))  # a host sync, only when asked for
-        else:
-            step_ok = True
-        if step_ok:
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            skipped += 1
-            scaler.update()
-            if master:
-                tqdm.write(f"warning: non-finite gradient at iter {iter_num}; step skipped "
-                           f"({skipped} so far)")
-        optimizer.zero_grad(set_to_none=True)
-        if iter_num % cfg.log_interval == 0 and master:  # the only host sync of the step
-            lossf = loss.item()
-            norms = stats["hidden_norm"].float().tolist()
-            if not math.isfinite(lossf) and not cfg.skip_nonfinite:
-                die(nonfinite_message(iter_num, stats["loop_ce"].float().tolist(), norms,
-                                      trained, ckpt_path))
-            bar.set_postfix(loss=f"{lossf:.4f}", h_K=f"{norms[-1]:.3g}", lr=f"{lr:.2e}")
-        iter_num += 1
-        bar.update(1)
+            # one optimizer step over this process's micro-batches; in training mode the model
+            # decodes only the exits its loss trains
+            for i, (micro, rows) in enumerate(my_micro_batches):
+                X, Y = batch("train", train_seed(cfg.seed, iter_num, micro))
+                if ddp:  # all-reduce the gradients on the last micro-batch only
+                    model.require_backward_grad_sync = i == len(my_micro_batches) - 1
+                with autocast(cfg.device, cfg.dtype):
+                    _, loss, stats = model(X[rows], Y[rows])
+                scaler.scale(loss / len(my_micro_batches)).backward()
+            scaler.unscale_(optimizer)  # a no-op without float16's scaler
+            if cfg.skip_nonfinite:
+                # decided on the all-reduced gradient, which every process shares: all skip or
+                # none does (a rank's own loss would let the processes drift apart)
+                norm = grad_norm(params)
+                step_ok = bool(torch.isfinite(norm))  # a host sync, only when asked for
+            else:
+                step_ok = True
+            if step_ok:
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                skipped += 1
+                scaler.update()
+                if master:
+                    tqdm.write(f"warning: non-finite gradient at iter {iter_num}; step skipped "
+                               f"({skipped} so far)")
+            optimizer.zero_grad(set_to_none=True)
+            if iter_num % cfg.log_interval == 0 and master:  # the only host sync of the step
+                lossf = loss.item()
+                norms = stats["hidden_norm"].float().tolist()
+                if not math.isfinite(lossf) and not cfg.skip_nonfinite:
+                    die(nonfinite_message(iter_num, stats["loop_ce"].float().tolist(), norms,
+                                          trained, ckpt_path))
+                bar.set_postfix(loss=f"{lossf:.4f}", h_K=f"{norms[-1]:.3g}", lr=f"{lr:.2e}")
+            iter_num += 1
+            bar.update(1)
+    except KeyboardInterrupt:  # Ctrl-C: stop cleanly, say where to pick up
+        bar.close()
+        if master:
+            kept = (f"the checkpoint of iter {saved_at} is kept; resume with: python train.py "
+                    f"--init_from=resume --out_dir={cfg.out_dir}" if saved_at is not None
+                    else "no checkpoint was written yet")
+            print(f"\ninterrupted at iter {iter_num}: {kept}", file=sys.stderr)
+        sys.exit(130)
     bar.close()
     if ddp:
         from torch.distributed import destroy_process_group

@@ -155,7 +155,7 @@ def test_kill_at_random_moments_then_resume(data_dir, tmp_path):
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + rng.uniform(1.5, 5.0)
         while time.time() < deadline and proc.poll() is None:
-            if attempt % 2 and (out / "ckpt.pt.tmp").exists():  # odd attempts: kill mid-write
+            if attempt % 2 and list(out.glob("ckpt.pt.*.tmp")):  # odd attempts: mid-write
                 break
             time.sleep(0.001)
         proc.send_signal(signal.SIGKILL)
