@@ -175,3 +175,46 @@ def test_every_model_knob_reaches_help_banner_and_log(data_dir, tmp_path, capsys
     assert "readout=final_only" in banner and "n_loops=3" in banner
     config = read_log(tmp_path)[0]["config"]
     assert all(f.name in config for f in fields(LoopedGPTConfig))
+
+
+def test_learning_rate_schedule_values():
+    """Warmup then constant (the paper) or cosine to min_lr, at points worked out by hand."""
+    from types import SimpleNamespace
+
+    from train import get_lr
+    cfg = SimpleNamespace(learning_rate=1.0, min_lr=0.1, warmup_iters=4, max_iters=104,
+                          lr_schedule="constant")
+    assert [get_lr(i, cfg) for i in range(5)] == [0.2, 0.4, 0.6, 0.8, 1.0]
+    assert get_lr(50, cfg) == get_lr(104, cfg) == 1.0
+    cfg.lr_schedule = "cosine"
+    # 100 decay steps from iter 4: cos(0) at 4, cos(pi/2) at 54, cos(pi) at 104 and after
+    assert get_lr(4, cfg) == pytest.approx(1.0)
+    assert get_lr(54, cfg) == pytest.approx(0.55)
+    assert get_lr(79, cfg) == pytest.approx(0.1 + 0.45 * (1 + 0.5 ** 0.5 * -1))
+    assert get_lr(104, cfg) == pytest.approx(0.1) and get_lr(500, cfg) == pytest.approx(0.1)
+
+
+def test_gradient_accumulation_equals_one_batch_of_all_micro_batches(data_dir, tmp_path):
+    """Two steps of 2 micro-batches x 2 sequences train what plain AdamW trains on the 4
+    sequences of each step at once, the micro-batches drawn in the run's data order."""
+    from rundir import get_batch, load_data, model_config
+    from train import main, train_seed
+    main(TINY + [f"--data_dir={data_dir}", "--dataset=tiny_char", f"--out_dir={tmp_path}",
+                 "--batch_size=2", "--gradient_accumulation_steps=2", "--max_iters=2",
+                 "--eval_interval=2", "--grad_clip=0", "--weight_decay=0"])
+    run_cfg = torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]
+    torch.manual_seed(run_cfg["seed"])
+    model = LoopedGPT(model_config(run_cfg))
+    opt = torch.optim.AdamW(model.parameters(), lr=1.0, betas=(0.9, 0.95), weight_decay=0.0)
+    data, _ = load_data(data_dir, "tiny_char", 32)
+    for it in range(2):
+        opt.param_groups[0]["lr"] = 3e-3 * (it + 1) / 3  # TINY: lr 3e-3, 2 warmup steps
+        xy = [get_batch(data["train"], 2, 32, train_seed(run_cfg["seed"], it, m))
+              for m in range(2)]
+        _, loss, _ = model(torch.cat([x for x, _ in xy]), torch.cat([y for _, y in xy]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    trained = torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"]
+    for name, w in model.state_dict().items():
+        torch.testing.assert_close(trained[name], w, rtol=1e-4, atol=1e-6, msg=name)

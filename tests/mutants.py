@@ -1,0 +1,135 @@
+"""
+Plant typical bugs, one at a time, and see which the test suite catches.
+
+  python tests/mutants.py                 # every mutant (about 15 minutes on 2 cores)
+  python tests/mutants.py --only=eval     # the mutants whose name contains 'eval'
+  python tests/mutants.py --list
+
+Each mutant is a one-line change a tired programmer could make (an off-by-one in a loop index,
+a dropped term, a wrong mask, a swapped argument) in a function the README promises something
+about, with the test files that guard that function. The repository is copied to a temporary
+folder and each mutant runs there, so the working tree is never touched. A mutant the tests do
+not catch is a test to write (or a mutant that changes nothing: say so in its note).
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (name, file, the original text, the mutated text, test files that should catch it)
+MUTANTS = [
+    # model.py: the mechanism and the losses
+    ("model-loop-norm-every-loop", "model.py",
+     "if k > 1 and self.loop_rmsnorm is not None:",
+     "if self.loop_rmsnorm is not None:", "test_model.py"),
+    ("model-readout-ignores-table", "model.py",
+     "hides_scale = READOUTS[cfg.readout].hides_scale(loop, cfg.n_loops)",
+     "hides_scale = READOUTS[cfg.readout].hides_scale(cfg.n_loops, cfg.n_loops)",
+     "test_model.py"),
+    ("model-penalty-last-loop-only", "model.py",
+     "penalty = torch.stack([h.pow(2).mean() for h in states]).mean()",
+     "penalty = states[-1].pow(2).mean()", "test_model.py"),
+    ("model-loss-unweighted", "model.py",
+     "loss = sum(w * ce for w, ce in zip(weights, ces) if w > 0) / sum(weights)",
+     "loss = sum(ce for w, ce in zip(weights, ces) if w > 0) / len(weights)", "test_model.py"),
+    ("model-chunked-ce-counts-ignored", "model.py",
+     "total += ((lse[rows] - picked) * valid[rows]).sum()",
+     "total += (lse[rows] - picked).sum()", "test_model.py"),
+    ("model-entropy-sign", "model.py",
+     "return -(logp.exp() * logp).sum(dim=-1)",
+     "return (logp.exp() * logp).sum(dim=-1)", "test_model.py"),
+    ("model-residual-init-depth", "model.py",
+     "residual_std = 0.02 / math.sqrt(2 * cfg.n_layer * cfg.n_loops)",
+     "residual_std = 0.02 / math.sqrt(2 * cfg.n_layer)", "test_model.py"),
+    # rundir.py: the batches and the log
+    ("rundir-targets-not-shifted", "rundir.py",
+     "return xy[:, :-1], xy[:, 1:]", "return xy[:, :-1], xy[:, :-1]", "test_train.py"),
+    ("rundir-eval-seed-ignores-split", "rundir.py",
+     "return 10**9 + 7919 * i + (split == \"val\")", "return 10**9 + 7919 * i",
+     "test_train.py test_eval.py"),
+    ("rundir-resume-log-duplicates", "rundir.py",
+     "if ckpt[\"iter_num\"] not in logged and \"log_entry\" in ckpt:",
+     "if \"log_entry\" in ckpt:", "test_faults.py test_train.py"),
+    # train.py: the schedule, the batches, DDP
+    ("train-warmup-off-by-one", "train.py",
+     "return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)",
+     "return cfg.learning_rate * it / (cfg.warmup_iters + 1)", "test_train.py"),
+    ("train-cosine-wrong-phase", "train.py",
+     "return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - "
+     "cfg.min_lr)",
+     "return cfg.min_lr + 0.5 * (1 - math.cos(math.pi * progress)) * (cfg.learning_rate - "
+     "cfg.min_lr)", "test_train.py"),
+    ("train-micro-batches-repeat", "train.py",
+     "X, Y = batch(\"train\", train_seed(cfg.seed, iter_num, micro))",
+     "X, Y = batch(\"train\", train_seed(cfg.seed, iter_num, 0))", "test_train.py test_device.py"),
+    ("train-ddp-share-overlaps", "train.py",
+     "return [(m * world + rank, slice(None)) for m in range(accumulation // world)], None",
+     "return [(m + rank, slice(None)) for m in range(accumulation // world)], None",
+     "test_device.py"),
+    ("train-skip-on-local-loss", "train.py",
+     "step_ok = bool(torch.isfinite(norm))", "step_ok = bool(torch.isfinite(loss))",
+     "test_device.py test_reliability.py"),
+    ("train-resume-forgets-rng", "train.py",
+     "set_rng_state(rngs[rank], cfg.device)", "pass", "test_train.py"),
+]
+
+
+def copy_repo(dest):
+    """The tracked and untracked (not ignored) files of the repository, and the data folder."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                           cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        os.makedirs(os.path.dirname(os.path.join(dest, f)) or dest, exist_ok=True)
+        shutil.copy2(os.path.join(ROOT, f), os.path.join(dest, f))
+
+
+def run_mutant(mutant, work, timeout):
+    name, path, old, new, tests = mutant
+    file = os.path.join(work, path)
+    original = open(file).read()
+    if original.count(old) != 1:
+        return "stale"  # the code moved on: update the mutant
+    open(file, "w").write(original.replace(old, new))
+    try:
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+               *[os.path.join("tests", t) for t in tests.split()]]
+        p = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=timeout)
+        return "caught" if p.returncode != 0 else "SURVIVED"
+    except subprocess.TimeoutExpired:
+        return "caught (timeout)"
+    finally:
+        open(file, "w").write(original)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", default="", help="run the mutants whose name contains this")
+    ap.add_argument("--list", action="store_true", help="list the mutants and stop")
+    ap.add_argument("--timeout", type=int, default=600, help="seconds per mutant")
+    args = ap.parse_args()
+    chosen = [m for m in MUTANTS if args.only in m[0]]
+    if args.list:
+        for m in chosen:
+            print(f"{m[0]:<36} {m[1]:<12} tests: {m[4]}")
+        return 0
+    results = {}
+    with tempfile.TemporaryDirectory() as work:
+        copy_repo(work)
+        for m in chosen:
+            start = time.time()
+            results[m[0]] = run_mutant(m, work, args.timeout)
+            print(f"{m[0]:<36} {results[m[0]]:<18} {time.time() - start:5.0f} s", flush=True)
+    survived = [n for n, r in results.items() if r in ("SURVIVED", "stale")]
+    print(f"{len(results) - len(survived)} of {len(results)} mutants caught"
+          + (f"; not caught: {', '.join(survived)}" if survived else ""))
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
