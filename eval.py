@@ -38,7 +38,7 @@ from device import autocast, keep_freed_memory, pick_dtype
 from model import EXIT_POLICIES, READOUTS, exit_score, exits, strict_to_loose
 from prepare import load_tokenizer
 from rundir import atomic_write_text, die, eval_seed, get_batch, load_checkpoint, load_data
-from rundir import model_from_checkpoint
+from rundir import model_from_checkpoint, writable_folder
 
 DIAGNOSTICS = ("lemma1", "decomposition", "clamp", "scale", "spread")
 RUNS = ("depth", "lens") + DIAGNOSTICS + ("all",)
@@ -443,8 +443,20 @@ def print_diagnostics(out, K):
             print(f"{k:>4}  " + " ".join(f"{v:9.4g}" for v in q))
 
 
+def read_eval_json(path):
+    """The eval.json a diagnostic adds its key to, or a one-line error when it is damaged."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            out = json.load(f)
+    except (ValueError, OSError) as e:
+        die(f"{path} is damaged ({type(e).__name__}); delete it and run eval.py again")
+    if not isinstance(out, dict):
+        die(f"{path} is not eval.py's output; delete it and run eval.py again")
+    return out
+
+
 def main(argv=None):
-    cfg, _ = parse("eval.py", OPTIONS, argv, __doc__, together=together)
+    cfg, explicit = parse("eval.py", OPTIONS, argv, __doc__, together=together)
     device = device_or_exit(cfg.device)
     keep_freed_memory()
     # loaded on the CPU: only the model goes to the device, not the optimizer's state
@@ -458,34 +470,52 @@ def main(argv=None):
     if 0 < cfg.max_depth < K and cfg.run in ("depth", "all"):  # full depth is the reference
         error(f"--max_depth={cfg.max_depth} is invalid for this run; accepted: 0 (= 2K) or at "
               f"least its K={K} loops")
-    data, meta = load_data(cfg.data_dir, run["dataset"], run["block_size"])
+    # the data the run trained on (its folder, as an absolute path) unless --data_dir says
+    data_dir = cfg.data_dir
+    if "data_dir" not in explicit:
+        data_dir = run.get("resolved", {}).get("data_dir", run.get("data_dir", cfg.data_dir))
+    data, meta = load_data(data_dir, run["dataset"], run["block_size"])
+    if meta["vocab_size"] != run["vocab_size"]:
+        die(f"{os.path.join(data_dir, run['dataset'])}/meta.json has vocab_size "
+            f"{meta['vocab_size']}, the run was trained with {run['vocab_size']}: the dataset was "
+            f"prepared again differently; prepare it as the run had it, or train again")
     encode, decode = load_tokenizer(meta)
+    ids = None
+    if cfg.run in ("lens", "all"):  # checked before any work, not after all of it
+        try:
+            ids = encode(cfg.start)[-run["block_size"]:]
+        except ValueError as e:
+            die(f"--start={cfg.start!r} cannot be encoded by this run's tokenizer: {e}")
+        if not ids:
+            die(f"--start={cfg.start!r} encodes to no tokens; give some text")
+    path = os.path.join(cfg.out_dir, "eval.json")
+    writable_folder(cfg.out_dir)
+    out = {}
+    if os.path.isfile(path) and cfg.run != "depth":  # a diagnostic adds its key to the file
+        out = read_eval_json(path)
+    out["config"] = run
+    out["n_loops"] = K
+
+    def save():  # after every part: a late failure never loses the parts already done
+        atomic_write_text(path, json.dumps(out))
+
     bsz = cfg.batch_size or run["batch_size"]
     batches = [get_batch(data["val"], bsz, run["block_size"], eval_seed(i, "val"), device)
                for i in range(cfg.eval_iters)]
-    path = os.path.join(cfg.out_dir, "eval.json")
-    out = {}
-    if os.path.isfile(path) and cfg.run != "depth":  # a diagnostic adds its key to the file
-        with open(path) as f:
-            out = json.load(f)
     # loops 1..K of the batches, computed once for the diagnostics and the per-depth pass
     shared = all_states(model, batches, dtype) if cfg.run in DIAGNOSTICS + ("all",) else None
     if cfg.run in ("depth", "all"):
         cal, held, held_data = split_batches(data["val"], cfg.eval_iters, bsz, run["block_size"],
                                              device)
         out.update(evaluate(model, batches, cal, held, cfg, held_data, decode, shared, dtype))
+        save()
     if cfg.run in ("lens", "all"):
-        try:
-            ids = encode(cfg.start)[-run["block_size"]:]
-        except ValueError as e:
-            die(f"--start={cfg.start!r} cannot be encoded by this run's tokenizer: {e}")
         out["lens"] = lens(model, ids, decode, dtype)
+        save()
     for name in DIAGNOSTICS:
         if cfg.run in (name, "all"):
             out[name] = globals()[name](model, batches, shared, dtype)
-    out["config"] = run
-    out["n_loops"] = K
-    atomic_write_text(path, json.dumps(out))
+            save()
     if cfg.run in ("depth", "all"):
         print_depth(out, K)
     if cfg.run in ("lens", "all"):

@@ -250,7 +250,8 @@ def main(argv=None):
             f"the dataset prepared again differently?")
     run_config = options | {"vocab_size": meta["vocab_size"], "world_size": world,
                             "resolved": {"device": cfg.device, "dtype": cfg.dtype,
-                                         "compile": cfg.compile}}
+                                         "compile": cfg.compile,
+                                         "data_dir": os.path.abspath(cfg.data_dir)}}
 
     def batch(split, seed):
         return get_batch(data[split], cfg.batch_size, cfg.block_size, seed, cfg.device)

@@ -283,3 +283,61 @@ def test_kill_between_checkpoint_and_log_entry_is_repaired_with_the_real_entry(d
     assert p.returncode == 0, p.stderr[-1000:]
     assert (out / "log.jsonl").read_text() == "".join(lines)
     assert torch.load(out / "ckpt.pt", weights_only=True)["log_entry"]["tokens_per_sec"] > 0
+
+
+# ---- eval.py: the run's own data, checked before the work, nothing lost to a late failure ------
+
+@pytest.fixture
+def run_copy(tiny_runs, tmp_path):
+    shutil.copytree(tiny_runs["rmsnorm"], tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_eval_finds_the_data_the_run_was_trained_on(run_copy, tmp_path):
+    """From another folder, without --data_dir: the run's recorded data_dir is used."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), f"--out_dir={run_copy}",
+                        "--eval_iters=1", "--n_thresholds=2"], cwd=elsewhere,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-1000:]
+
+
+def test_eval_on_a_dataset_prepared_again_differently(run_copy, data_dir, tmp_path):
+    import torch
+    ckpt = torch.load(run_copy / "ckpt.pt", weights_only=True)
+    shutil.copytree(data_dir / "tiny_char", tmp_path / "d" / "tiny_char")
+    meta = tmp_path / "d" / "tiny_char" / "meta.json"
+    m = json.loads(meta.read_text())
+    m["chars"] = m["chars"] + ["\u00e9"]  # one more character: another vocabulary
+    m["vocab_size"] += 1
+    meta.write_text(json.dumps(m))
+    p = run("eval.py", f"--out_dir={run_copy}", f"--data_dir={tmp_path / 'd'}")
+    one_line_error(p, 1, "meta.json has vocab_size", str(ckpt["config"]["vocab_size"]))
+
+
+def test_eval_all_refuses_a_prompt_it_cannot_encode_before_the_work(run_copy):
+    before = digest(run_copy)
+    p = run("eval.py", f"--out_dir={run_copy}", "--run=all", "--start=\u4e2d\u6587")
+    one_line_error(p, 1, "--start=", "cannot be encoded")
+    assert digest(run_copy) == before
+
+
+def test_eval_on_a_damaged_eval_json(run_copy):
+    (run_copy / "eval.json").write_text('{"per_depth": {"k": [1, 2')
+    p = run("eval.py", f"--out_dir={run_copy}", "--run=scale", "--eval_iters=1")
+    one_line_error(p, 1, "eval.json is damaged", "run eval.py again")
+
+
+def test_eval_keeps_the_parts_done_before_a_late_failure(run_copy, monkeypatch):
+    import eval as eval_script
+
+    def broken(*args, **kw):
+        raise RuntimeError("a late failure")
+    monkeypatch.setattr(eval_script, "spread", broken)
+    with pytest.raises(RuntimeError, match="a late failure"):
+        eval_script.main([f"--out_dir={run_copy}", "--run=all", "--eval_iters=1",
+                          "--n_thresholds=2"])
+    done = json.loads((run_copy / "eval.json").read_text())
+    assert {"per_depth", "halting", "lens", "lemma1", "decomposition", "clamp",
+            "scale"} <= done.keys()
