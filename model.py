@@ -99,7 +99,7 @@ class LoopedGPTConfig:
                           lambda v: 0 <= v < 1)
     bias: bool = knob(False, "biases in Linear layers", "True | False",
                       lambda v: isinstance(v, bool))
-    # "chunked" never keeps an exit's [B, T, V] logits (ChunkedReadoutCE); "plain" is ordinary
+    # "chunked" never keeps an exit's [B, T, V] logits (ReadoutCE); "plain" is ordinary
     # autograd; "auto" is chunked for vocabularies of 8192 and more, where those dominate memory
     readout_ce: str = knob("auto", "CE of loops < K: chunked (memory-lean), plain, or auto "
                            "(chunked for vocabularies >= 8192)", " | ".join(READOUT_CES),
@@ -258,9 +258,11 @@ class LoopedGPT(nn.Module):
         hides_scale = READOUTS[cfg.readout].hides_scale(loop, cfg.n_loops)
         return self.ln_f(h) if hides_scale else h
 
-    def forward(self, idx, targets=None, n_loops=None, all_exits=None):
+    def forward(self, idx, targets=None, n_loops=None, all_exits=None, return_logits=True):
         """Run n_loops loops (default K). Returns (logits, loss, stats):
-        logits  the last loop's readout, [B, T, V] with targets, [B, 1, V] (last position) without
+        logits  the last loop's readout, [B, T, V] with targets, [B, 1, V] (last position) without;
+                None with return_logits=False, which lets a training step decode the last loop
+                with the lean CE too (no [B, T, V] tensor kept at large vocabularies)
         loss    sum_k w_k CE_k / sum_k w_k, the supervision's weights w_k (per_loop: mean_k CE_k;
                 terminal: CE_K), plus norm_penalty * mean_k mean(h_k^2)
         stats   detached, one entry per loop: hidden_norm (mean per-token ||h_k||) and loop_ce.
@@ -287,8 +289,12 @@ class LoopedGPT(nn.Module):
                     ces.append(self.early_exit_ce(h, k, targets))
             else:
                 ces.append(torch.full((), float("nan"), device=idx.device))
-        logits = self.readout(states[-1], K)  # returned to the caller, so kept anyway
-        ces.append(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1))
+        if return_logits or not self.chunked_ce:
+            logits = self.readout(states[-1], K)
+            ces.append(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1))
+        else:
+            logits = None
+            ces.append(self.early_exit_ce(states[-1], K, targets))
 
         loss = sum(w * ce for w, ce in zip(weights, ces) if w > 0) / sum(weights)
         if cfg.norm_penalty > 0:  # fix 2: make the scale visible to the loss explicitly
@@ -298,11 +304,14 @@ class LoopedGPT(nn.Module):
         return logits, loss, stats
 
     def early_exit_ce(self, h, k, targets):
-        """CE of the readout of h_k, k < K. Its logits are not returned, so at large vocabularies
-        the chunked CE never keeps (or even allocates) all [B, T, V] of them."""
+        """CE of the readout of h_k whose logits are not returned: at large vocabularies
+        ReadoutCE never keeps (or even allocates) all [B, T, V] of them."""
         if self.chunked_ce:
             x = self.readout_input(h, k).flatten(0, 1)
-            return ChunkedReadoutCE.apply(x, self.lm_head.weight, targets.flatten())
+            w = self.lm_head.weight
+            with_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+            rows = chunk_rows(x.size(0), w.size(0), x.device.type)
+            return ReadoutCE.apply(x, w, targets.flatten(), rows, with_grad)
         logits = self.readout(h, k)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
 
@@ -361,56 +370,65 @@ def strict_to_loose(thresholds, policy):
     return sorted(thresholds, reverse=EXIT_POLICIES[policy] == ">=")
 
 
-# ---- memory-lean CE for the early exits at large vocabularies -----------------------------
+# ---- a lean CE for the exits at large vocabularies ---------------------------------------
 
-class ChunkedReadoutCE(torch.autograd.Function):
-    """mean CE(x @ W^T, targets) over rows with target != -1, walking over row chunks so that no
-    [N, V] logits tensor outlives its chunk: backward recomputes each chunk's logits from x and W
-    (one extra readout matmul) and turns them into the gradient softmax - onehot in place."""
+# logits elements per chunk: a few large chunks on a GPU (few kernel launches, and a short loop
+# for torch.compile to unroll), cache-sized ones on a CPU
+CHUNK_ELEMS = {"cuda": 2 ** 28, "mps": 2 ** 26}
+CPU_CHUNK_ELEMS = 2 ** 23
+
+
+def chunk_rows(n_rows, vocab_size, device_type):
+    """Rows of logits per chunk on this kind of device (all rows when they fit in one)."""
+    elems = CHUNK_ELEMS.get(device_type, CPU_CHUNK_ELEMS)
+    return max(1, min(n_rows, elems // vocab_size))
+
+
+class ReadoutCE(torch.autograd.Function):
+    """mean CE(x @ W^T, targets) over rows with target != -1, and its gradients, in one pass
+    over row chunks. Each chunk's logits turn into softmax - onehot in their own buffer and are
+    used at once for that chunk's dx rows and its share of dW, so no [N, V] logits tensor
+    outlives its chunk and none is ever recomputed: the three matmuls of plain autograd with
+    the memory of one chunk. The loss is a scalar, so backward only scales the stored gradients
+    by the incoming one."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk_elems=2 ** 23):
+    def forward(ctx, x, weight, targets, rows_per_chunk, with_grad):
         # matmuls in autocast's dtype when it is on; softmax sums in fp32 (fp64 for fp64 inputs)
         dt = x.dtype
         if torch.is_autocast_enabled(x.device.type):
             dt = torch.get_autocast_dtype(x.device.type)
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        chunk = max(1, chunk_elems // weight.size(0))
         valid = targets != -1
-        w = weight.to(dt)
-        lse = torch.empty(x.size(0), dtype=acc, device=x.device)
-        total = torch.zeros((), dtype=acc, device=x.device)
-        for s in range(0, x.size(0), chunk):
-            rows = slice(s, s + chunk)
-            logits = (x[rows].to(dt) @ w.t()).to(acc)
-            lse[rows] = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, targets[rows].clamp(min=0)[:, None])[:, 0]
-            total += ((lse[rows] - picked) * valid[rows]).sum()
         n = valid.sum().clamp(min=1)
-        ctx.save_for_backward(x, weight, targets, lse, n)
-        ctx.dt = dt
-        ctx.chunk = chunk
-        return total / n
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, targets, lse, n = ctx.saved_tensors
-        w = weight.to(ctx.dt)
-        scale = (targets != -1) * (grad / n)  # d mean CE / d CE of each row
-        dx = torch.empty_like(x)
-        dw = torch.zeros_like(weight, dtype=lse.dtype)
-        for s in range(0, x.size(0), ctx.chunk):
-            rows = slice(s, s + ctx.chunk)
-            xc = x[rows].to(ctx.dt)
-            t = targets[rows]
-            g = (xc @ w.t()).to(lse.dtype)
-            g.sub_(lse[rows, None]).exp_()  # softmax, in the logits' own buffer
-            g[torch.arange(len(t), device=g.device), t.clamp(min=0)] -= 1  # minus onehot
-            g.mul_(scale[rows, None])
-            g = g.to(ctx.dt)
+        w = weight.to(dt)
+        total = torch.zeros((), dtype=acc, device=x.device)
+        dx = torch.empty_like(x) if with_grad else None
+        dw = torch.zeros_like(weight, dtype=acc) if with_grad else None
+        for s in range(0, x.size(0), rows_per_chunk):
+            rows = slice(s, s + rows_per_chunk)
+            xc = x[rows].to(dt)
+            t = targets[rows].clamp(min=0)
+            logits = (xc @ w.t()).to(acc)
+            lse = torch.logsumexp(logits, dim=-1)
+            ce = lse - logits.gather(1, t[:, None])[:, 0]
+            total += (ce * valid[rows]).sum()
+            if not with_grad:
+                continue
+            g = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' own buffer
+            g[torch.arange(len(t), device=g.device), t] -= 1  # minus onehot
+            g.mul_((valid[rows].to(acc) / n)[:, None])  # d mean CE / d logits
+            g = g.to(dt)
             dx[rows] = g @ w
             if dw.dtype == g.dtype:
                 dw.addmm_(g.t(), xc)  # accumulate without a [V, C] temporary per chunk
             else:  # autocast: low-precision products, summed in fp32
                 dw += g.t() @ xc
-        return dx, dw.to(weight.dtype), None, None
+        if with_grad:
+            ctx.save_for_backward(dx, dw.to(weight.dtype))
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad):
+        dx, dw = ctx.saved_tensors
+        return grad * dx, grad * dw, None, None, None

@@ -373,7 +373,7 @@ def main(argv=None):
                 if ddp:  # all-reduce the gradients on the last micro-batch only
                     model.require_backward_grad_sync = i == len(my_micro_batches) - 1
                 with autocast(cfg.device, cfg.dtype):
-                    _, loss, stats = model(X[rows], Y[rows])
+                    _, loss, stats = model(X[rows], Y[rows], return_logits=False)
                 scaler.scale(loss / len(my_micro_batches)).backward()
             scaler.unscale_(optimizer)  # a no-op without float16's scaler
             if cfg.skip_nonfinite:

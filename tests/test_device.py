@@ -191,8 +191,8 @@ def _rank_with_nan(rank, world, port, args, out_dir):
     forward = LoopedGPT.forward
     steps = [0]
 
-    def flaky(self, idx, targets=None, n_loops=None, all_exits=None):
-        logits, loss, stats = forward(self, idx, targets, n_loops, all_exits)
+    def flaky(self, idx, targets=None, **kw):
+        logits, loss, stats = forward(self, idx, targets, **kw)
         if self.training and rank == 1:
             steps[0] += 1
             if steps[0] == 3:
