@@ -77,6 +77,27 @@ MUTANTS = [
      "test_device.py test_reliability.py"),
     ("train-resume-forgets-rng", "train.py",
      "set_rng_state(rngs[rank], cfg.device)", "pass", "test_train.py"),
+    # eval.py: halting, the depth map, the diagnostics
+    ("eval-exit-loop-off-by-one", "eval.py",
+     "exit_at = passed.float().argmax(dim=0) + 1  # first True",
+     "exit_at = passed.float().argmax(dim=0)  # first True", "test_eval.py"),
+    ("eval-held-out-overlaps", "eval.py",
+     "held = [get_batch(data[half:], batch_size, block_size, eval_seed(i, \"held\"), device)",
+     "held = [get_batch(data[half // 2:], batch_size, block_size, eval_seed(i, \"held\"), device)",
+     "test_eval.py"),
+    ("eval-calibrate-strictest", "eval.py",
+     "    return cands[lo] if lo >= 0 else None",
+     "    return cands[max(lo - 1, 0)] if lo >= 0 else None", "test_eval.py"),
+    ("eval-spread-wrong-quantile", "eval.py",
+     "q = torch.tensor([0.5, 0.9, 0.99, 1.0], dtype=torch.float64)",
+     "q = torch.tensor([0.5, 0.95, 0.99, 1.0], dtype=torch.float64)", "test_eval.py"),
+    ("eval-radial-unnormalised", "eval.py",
+     "a_rad = (d * h).sum(-1) / norm", "a_rad = (d * h).sum(-1)", "test_eval.py"),
+    # sample.py: the KV cache and adaptive exit
+    ("sample-cached-step-forgets-position", "sample.py",
+     "x, pos0 = idx[:, -1:], n_cached", "x, pos0 = idx[:, -1:], 0", "test_sample.py"),
+    ("sample-refill-off-by-one", "sample.py",
+     "n_cached = pos0 + x.size(1)", "n_cached = pos0 + x.size(1) - 1", "test_sample.py"),
 ]
 
 

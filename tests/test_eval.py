@@ -4,16 +4,24 @@ experiments.py (Table 1, the claims table)."""
 import json
 import math
 import os
+import shutil
+import weakref
+from contextlib import contextmanager
 from types import SimpleNamespace
 
+import pytest
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
+import eval as eval_script
 from conftest import run
-from eval import adaptive_exit, all_states, calibrate, collect, evaluate, exit_loops, halting
-from eval import lens
-from eval import split_batches
+from eval import DIAGNOSTICS, adaptive_exit, all_states, calibrate, collect, depth_map, evaluate
+from eval import exit_loops, halting, lens, split_batches
+from model import EXIT_POLICIES, exit_score
 from prepare import load_tokenizer
 from rundir import eval_seed, get_batch, load_checkpoint, load_data, model_from_checkpoint
+from standin import standin
 
 SETTINGS = SimpleNamespace(max_depth=0, target=1.01, policy="logit_margin", exit_unit="token",
                            n_thresholds=5)
@@ -199,8 +207,8 @@ def test_radial_clamp_with_own_norms_is_exact(tiny_runs, data_dir):
     with torch.no_grad():
         own = [h.norm(dim=-1, keepdim=True) for h in model.loop_states(x)]
         plain = model(x, y)[2]["loop_ce"].tolist()
-    assert clamped_loop_ce(model, x, y, ref_norms=own) == plain
-    clamped = clamped_loop_ce(model, x, y)  # loop-1 reference: the state's growth removed
+    assert clamped_loop_ce(model, x, y, ref_norms=own).tolist() == plain
+    clamped = clamped_loop_ce(model, x, y).tolist()  # loop-1 reference: the growth removed
     assert clamped[0] == plain[0] and clamped[1:] != plain[1:]
 
 
@@ -241,3 +249,240 @@ def test_lemma1_on_trained_checkpoints(tiny_runs, data_dir):
         assert next(model.parameters()).dtype == torch.float32  # handed back as it came
     assert cos["rmsnorm"]["max_abs_cos"] < 1e-6
     assert cos["scale_visible"]["mean_abs_cos"] > 1e-3
+
+
+def test_lemma1_readout_is_the_models_and_chunks_change_nothing(tiny_runs, data_dir):
+    """lemma1 decodes h_K with float64 CPU copies of the LM head (and ln_f): the model's own
+    readout; walking over row chunks gives the per-token cosines of the whole batch."""
+    from eval import cpu_readout, lemma1
+    for name in ("rmsnorm", "scale_visible"):
+        model, batches = val_batches(tiny_runs[name], data_dir, n=2)
+        K = model.config.n_loops
+        h = all_states(model, batches)[0][-1]
+        with torch.no_grad():
+            assert torch.allclose(cpu_readout(model, K)(h.double()), model.readout(h, K).double(),
+                                  atol=1e-5)
+        whole = lemma1(model, batches)
+        chunked = lemma1(model, batches, chunk_elems=5 * model.config.vocab_size)  # 5 rows
+        assert chunked["n_tokens"] == whole["n_tokens"] == 2 * 4 * 32
+        for key in ("max_abs_cos", "mean_abs_cos"):  # the same up to float64 rounding
+            assert abs(chunked[key] - whole[key]) < 1e-12, (name, key)
+
+
+# ---- on a GPU: the stand-in accelerator (tests/standin.py) ----------------------------------
+
+class ZerosOnCpu(TorchFunctionMode):
+    """Inside the stand-in, `.cpu()` of a device tensor gives zeros of its shape and dtype, so a
+    function runs to its end: its device part under the device's rules, the rest (float64,
+    histograms, reading values) on CPU tensors whose values mean nothing."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.cpu and args[0].device.type == "meta":
+            return torch.zeros(args[0].shape, dtype=args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def on_device(kind):
+    with standin(kind) as dev, ZerosOnCpu():
+        with pytest.raises(RuntimeError):  # the rules are on
+            torch.ones(2, device=dev) + torch.ones(2)
+        yield dev
+
+
+@pytest.mark.parametrize("kind", ["cuda", "mps"])
+def test_eval_tensor_paths_on_device(kind, tiny_runs, data_dir):
+    """collect, evaluate (per depth, halting, depth map), lens, all_states and every diagnostic,
+    on a model and batches on the device: no CPU tensor mixed in, no float64 on MPS, no
+    histogram on the device, no value read before its move to the CPU."""
+    for readout in ("rmsnorm", "scale_visible"):  # with ln_f and without
+        model, ckpt = load_model(tiny_runs[readout])
+        encode, decode = load_tokenizer(ckpt["meta"])
+        data, _ = load_data(data_dir, ckpt["config"]["dataset"], ckpt["config"]["block_size"])
+        K, T, C = model.config.n_loops, model.config.block_size, model.config.n_embd
+        with on_device(kind) as dev:
+            model = model.to(dev)
+            batches = [get_batch(data["val"], 4, T, eval_seed(i, "val"), dev) for i in range(2)]
+            cal, held, held_data = split_batches(data["val"], 2, 4, T, dev)
+            states = all_states(model, batches)
+            assert [len(hs) for hs in states] == [K, K]
+            assert all(h.device.type == dev and h.shape == (4, T, C) for hs in states for h in hs)
+            for given in (None, states):
+                ce, scores = collect(model, batches, 2 * K, given)
+                assert ce.shape == (2 * K, 8, T) and ce.device.type == "cpu"
+                assert all(s.shape == (2 * K, 8, T) for s in scores.values())
+            out = evaluate(model, batches, cal, held, SETTINGS, held_data, decode, states)
+            assert len(out["per_depth"]["ce"]) == 2 * K and len(out["depth_map"]["exit_loop"])
+            for threshold in (None, 0.5):
+                m = depth_map(model, held_data, {"threshold": threshold}, "entropy", "token",
+                              decode)
+                assert len(m["exit_loop"]) == len(m["ids"]) == len(m["tokens"])
+            ids = encode("ROMEO:")
+            out = lens(model, ids, decode)
+            assert len(out["top1"]) == len(out["prob"]) == len(ids)
+            assert all(len(row) == K for row in out["top1"])
+            for name in DIAGNOSTICS:
+                for given in (None, states):
+                    assert getattr(eval_script, name)(model, batches, given), name
+
+
+@pytest.mark.parametrize("kind", ["cuda", "mps"])
+def test_eval_main_on_device_writes_json(kind, tiny_runs, data_dir, tmp_path, monkeypatch):
+    """python eval.py --run=all on the device, through to eval.json (the depth map once crashed
+    there, after all the compute)."""
+    shutil.copy(os.path.join(tiny_runs["rmsnorm"], "ckpt.pt"), tmp_path)
+    monkeypatch.setattr(eval_script, "keep_freed_memory", lambda: None)
+    with on_device(kind) as dev:
+        monkeypatch.setattr(eval_script, "device_or_exit", lambda name: dev)
+        eval_script.main([f"--out_dir={tmp_path}", f"--data_dir={data_dir}", "--run=all",
+                          "--eval_iters=1"])
+    out = json.load(open(tmp_path / "eval.json"))
+    assert {"per_depth", "halting", "depth_map", "lens", *DIAGNOSTICS} <= out.keys()
+
+
+def test_collect_keeps_one_depth_of_logits_on_device(tiny_runs, data_dir, monkeypatch):
+    """Every depth's [B, T, V] logits are dropped before the next depth's readout: 2K of them
+    at once would not fit a GPU at a GPT-2 vocabulary."""
+    model, batches = val_batches(tiny_runs["rmsnorm"], data_dir, n=2)
+    K = model.config.n_loops
+    readout = model.readout
+    made, alive = [], []  # weak references to every readout's logits; how many live per call
+
+    def tracked(h, k):
+        alive.append(sum(r() is not None for r in made))
+        logits = readout(h, k)
+        made.append(weakref.ref(logits))
+        return logits
+    monkeypatch.setattr(model, "readout", tracked)
+    for given in (None, all_states(model, batches)):
+        collect(model, batches, 2 * K, given)
+    assert len(alive) == 2 * 2 * 2 * K and max(alive) == 0, alive
+
+
+def test_collect_on_cpu_is_all_logits_at_once(tiny_runs, data_dir):
+    """Depth by depth changes nothing on the CPU: the CE and scores are exactly those of all the
+    depths' logits computed at once."""
+    model, batches = val_batches(tiny_runs["scale_visible"], data_dir, n=2)
+    K = model.config.n_loops
+    with torch.no_grad():
+        ce, scores = [], {p: [] for p in EXIT_POLICIES}
+        for x, y in batches:
+            logits = [model.readout(h, k) for k, h in enumerate(model.loop_states(x, 2 * K), 1)]
+            ce.append(torch.stack([F.cross_entropy(lg.transpose(1, 2), y, reduction="none")
+                                   for lg in logits]))
+            for p in EXIT_POLICIES:
+                scores[p].append(torch.stack([exit_score(lg, p) for lg in logits]))
+    for given in (None, all_states(model, batches)):
+        got_ce, got = collect(model, batches, 2 * K, given)
+        assert torch.equal(got_ce, torch.cat(ce, dim=1))
+        assert all(torch.equal(got[p], torch.cat(scores[p], dim=1)) for p in EXIT_POLICIES)
+
+
+def test_eval_runs_in_the_runs_dtype(tiny_runs, data_dir, tmp_path, monkeypatch):
+    """A run trained in bfloat16 is evaluated under bfloat16 autocast (its readouts' logits are
+    bf16), with CE and scores in float32."""
+    model, batches = val_batches(tiny_runs["rmsnorm"], data_dir, n=1)
+    K = model.config.n_loops
+    readout, dtypes = model.readout, set()
+
+    def tracked(h, k):
+        logits = readout(h, k)
+        dtypes.add(logits.dtype)
+        return logits
+    monkeypatch.setattr(model, "readout", tracked)
+    ce, scores = collect(model, batches, K, dtype="bfloat16")
+    assert dtypes == {torch.bfloat16}
+    assert ce.dtype == torch.float32 and all(s.dtype == torch.float32 for s in scores.values())
+    ce32, _ = collect(model, batches, K)
+    assert not torch.equal(ce, ce32) and torch.allclose(ce, ce32, atol=0.1)
+    # eval.py reads the dtype from the checkpoint
+    ckpt = torch.load(os.path.join(tiny_runs["rmsnorm"], "ckpt.pt"), weights_only=True)
+    ckpt["config"]["resolved"]["dtype"] = "bfloat16"
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    used = set()
+    amp = eval_script.amp
+    monkeypatch.setattr(eval_script, "amp", lambda m, dtype: used.add(dtype) or amp(m, dtype))
+    monkeypatch.setattr(eval_script, "keep_freed_memory", lambda: None)
+    eval_script.main([f"--out_dir={tmp_path}", f"--data_dir={data_dir}", "--run=all",
+                      "--eval_iters=1", "--device=cpu"])
+    assert used == {"bfloat16"}
+
+
+# ---- values against independent references -------------------------------------------------
+
+def test_depth_map_equals_exits_recomputed_token_by_token(tiny_runs, data_dir):
+    """Each token's exit loop: the first loop whose readout's top-1 minus top-2 logit reaches
+    the threshold, else K, recomputed here from the model's own readouts."""
+    model, ckpt = load_model(tiny_runs["scale_visible"])
+    data, _ = load_data(data_dir, "tiny_char", ckpt["config"]["block_size"])
+    K, T = model.config.n_loops, model.config.block_size
+    val = data["val"]
+    x = torch.from_numpy(val[:2 * T].astype("int64")).view(2, T)
+    with torch.no_grad():
+        margins = []
+        for k, h in enumerate(model.loop_states(x), start=1):
+            top2 = model.readout(h, k).topk(2, dim=-1).values
+            margins.append((top2[..., 0] - top2[..., 1]).flatten().tolist())
+    t = sorted(margins[0])[len(margins[0]) // 2]  # about half the tokens exit at loop 1
+    expect = []
+    for i in range(2 * T):
+        expect.append(next((k for k in range(1, K) if margins[k - 1][i] >= t), K))
+    assert 1 < len(set(expect))  # the exits differ between tokens
+    out = depth_map(model, val, {"threshold": t}, "logit_margin", "token", None, n_tokens=2 * T)
+    assert out["ids"] == val[:2 * T].tolist()
+    # the threshold sits on one token's score: allow that token to round either way
+    wrong = [i for i, (a, b) in enumerate(zip(out["exit_loop"], expect)) if a != b]
+    assert len(wrong) <= 1, wrong
+
+
+def test_norm_spread_equals_numpy(tiny_runs, data_dir):
+    import numpy as np
+
+    from eval import spread
+    model, batches = val_batches(tiny_runs["rmsnorm"], data_dir, n=2)
+    with torch.no_grad():
+        norms = [np.concatenate([h.norm(dim=-1).flatten().double().numpy() for h in hs])
+                 for hs in zip(*[model.loop_states(x) for x, _ in batches])]
+    out = spread(model, batches)
+    for k, n in enumerate(norms):
+        expect = np.percentile(n, [50, 90, 99, 100])
+        np.testing.assert_allclose(out["per_loop"][k], expect, rtol=1e-6)
+    counts, _ = np.histogram(norms[-1], bins=np.array(out["hist_edges"]))
+    assert out["hist_counts"] == counts.tolist()
+
+
+def test_calibration_and_held_out_batches_are_disjoint(tiny_runs, data_dir):
+    """Every calibration sequence lies in the first half of the validation split, every
+    held-out one in the second: found by searching the split for each sequence."""
+    import numpy as np
+    _, ckpt = load_model(tiny_runs["rmsnorm"])
+    T = ckpt["config"]["block_size"]
+    val = load_data(data_dir, "tiny_char", T)[0]["val"]
+    cal, held, _ = split_batches(val, 3, 4, T, "cpu")
+    half = len(val) // 2
+    windows = np.lib.stride_tricks.sliding_window_view(np.asarray(val), T + 1)
+    for batches, inside in ((cal, lambda s: s + T + 1 <= half), (held, lambda s: s >= half)):
+        for x, y in batches:
+            for row in torch.cat([x, y[:, -1:]], dim=1).numpy():
+                starts = np.flatnonzero((windows == row).all(axis=1))
+                assert len(starts) and all(inside(s) for s in starts), starts
+
+
+def test_threshold_sweep_recomputed(tiny_runs, data_dir):
+    """The operating curve: for each threshold, the mean exit loop and the PPL of the held-out
+    tokens when each reads its prediction at its own exit, recomputed token by token."""
+    model, _ = load_model(tiny_runs["scale_visible"])
+    cal_b, held_b, held_data = halves(tiny_runs["scale_visible"], data_dir, n=2)
+    val_b = val_batches(tiny_runs["scale_visible"], data_dir, n=2)[1]
+    out = evaluate(model, val_b, cal_b, held_b, SETTINGS, held_data)
+    K = model.config.n_loops
+    ce, scores = collect(model, held_b, K)
+    ce, margin = ce.flatten(1).tolist(), scores["logit_margin"].flatten(1).tolist()
+    sweep = out["adaptive"]
+    assert len(set(sweep["mean_loops"])) > 1  # the sweep spans different depths
+    for t, loops, ppl in zip(sweep["threshold"], sweep["mean_loops"], sweep["ppl"]):
+        exit_at = [next((k for k in range(1, K) if margin[k - 1][i] >= t), K)
+                   for i in range(len(ce[0]))]
+        assert loops == pytest.approx(sum(exit_at) / len(exit_at))
+        token_ce = [ce[k - 1][i] for i, k in enumerate(exit_at)]
+        assert ppl == pytest.approx(math.exp(sum(token_ce) / len(token_ce)), rel=1e-6)
