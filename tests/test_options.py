@@ -146,3 +146,54 @@ def test_options_that_only_make_sense_together(workdir, capsys):
         with pytest.raises(SystemExit) as e:
             module.main([f"--out_dir={workdir / 'run'}", *args])
         assert e.value.code == 2 and words in capsys.readouterr().err
+
+
+# Every bound, written here (not read from the OPTIONS tables): (script, option, values just
+# outside that must be refused, values at or inside the edge that must be accepted).
+BOUNDS = [
+    ("train", "eval_interval", [0], [1]), ("train", "eval_iters", [0], [1]),
+    ("train", "log_interval", [0], [1]), ("train", "batch_size", [0], [1]),
+    ("train", "gradient_accumulation_steps", [0], [1]), ("train", "block_size", [0], [1]),
+    ("train", "n_layer", [0], [1]), ("train", "n_head", [0], [1]), ("train", "n_embd", [0], [1]),
+    ("train", "n_loops", [0], [1]), ("train", "norm_penalty", [-1e-9, "inf"], [0.0, 0.01]),
+    ("train", "dropout", [-0.01, 1.0], [0.0, 0.99]), ("train", "learning_rate", [0.0, -1e-3],
+                                                      [1e-9]),
+    ("train", "max_iters", [-1], [0]), ("train", "weight_decay", [-0.01], [0.0]),
+    ("train", "beta1", [-0.1, 1.0], [0.0, 0.999]), ("train", "beta2", [1.0], [0.0, 0.999]),
+    ("train", "grad_clip", [-0.1], [0.0]), ("train", "warmup_iters", [-1], [0]),
+    ("train", "min_lr", [-1e-9], [0.0]), ("train", "seed", [-1], [0]),
+    ("train", "readout", ["RMSNorm", "scale-visible"], ["rmsnorm", "scale_visible",
+                                                        "final_only"]),
+    ("train", "supervision", ["dense"], ["per_loop", "terminal"]),
+    ("train", "init_from", ["gpt2"], ["scratch", "resume"]),
+    ("train", "dtype", ["fp16", "half"], ["auto", "float32", "bfloat16", "float16"]),
+    ("train", "dataset", ["a/b", ""], ["mytext"]), ("train", "device", ["gpu", "cuda:"], ["cpu"]),
+    ("sample", "num_samples", [0], [1]), ("sample", "max_new_tokens", [0], [1]),
+    ("sample", "temperature", [-0.1], [0.0]), ("sample", "top_k", [-1], [0]),
+    ("sample", "n_loops", [-1], [0]), ("sample", "exit_threshold", [-0.1], [0.0]),
+    ("sample", "exit_policy", ["margin"], ["", "max_prob", "logit_margin", "entropy"]),
+    ("eval", "eval_iters", [0], [1]), ("eval", "batch_size", [-1], [0]),
+    ("eval", "max_depth", [-1], [0]), ("eval", "n_thresholds", [1], [2]),
+    ("eval", "target", [0.999], [1.0]), ("eval", "exit_unit", ["word"], ["token", "sequence"]),
+    ("eval", "run", ["diagnostics"], ["depth", "lens", "lemma1", "spread", "all"]),
+    ("bench", "block_size", [1], [2]), ("bench", "steps", [0], [1]), ("bench", "rounds", [0], [1]),
+    ("bench", "warmup", [-1], [0]), ("bench", "gen_tokens", [-1], [0]),
+    ("bench", "n_loops", [0], [1]), ("bench", "peak_tflops", [-1.0], [0.0]),
+    ("prepare", "val_fraction", [0.0, 1.0], [0.01, 0.99]),
+    ("prepare", "tokenizer", ["bpe"], ["char", "gpt2", "word"]),
+    ("experiments", "seeds", [0], [1]), ("experiments", "run", ["table"], ["table1", "claims"]),
+]
+
+
+@pytest.mark.parametrize("script,name,refused,accepted", BOUNDS,
+                         ids=[f"{s}-{n}" for s, n, _, _ in BOUNDS])
+def test_option_bounds_written_out(script, name, refused, accepted, capsys):
+    from configurator import parse
+    module = importlib.import_module(script)
+    for value in refused:
+        with pytest.raises(SystemExit) as e:
+            parse(script, module.OPTIONS, [f"--{name}={value}"])
+        assert e.value.code == 2 and f"--{name}=" in capsys.readouterr().err
+    for value in accepted:
+        cfg, _ = parse(script, module.OPTIONS, [f"--{name}={value}"])
+        assert str(getattr(cfg, name)) == str(module.OPTIONS[name][0].__class__(value))
