@@ -6,8 +6,10 @@ reproduce.sh.
   python experiments.py --run=claims --out_dir=out/repro      # after bash reproduce.sh
 
 table1: trains the paper's seven conditions (supervision x readout x norm penalty) for each seed
-from train.py's defaults or --preset (finished runs are skipped, killed ones resumed), then
-prints mean +- std of ||h_K|| and final val PPL per condition -> out_dir/table1.json.
+from --preset, by default the CPU demo config/cpu.py ('' = train.py's defaults, the paper's 44M
+model), plus --train_args. Finished runs are skipped and killed ones resumed; a run folder that
+holds a run trained with other settings stops it all, in one line, before anything is trained.
+Then it prints mean +- std of ||h_K|| and final val PPL per condition -> out_dir/table1.json.
 
 claims: reads every run folder under out_dir (log.jsonl and eval.json from eval.py --run=all)
 and says, for each of the paper's claims, the figure measured and whether it held ->
@@ -23,13 +25,23 @@ import torch
 
 from configurator import NONEMPTY, at_least, check, one_of, parse
 from plot_norms import condition, load_run
-from rundir import atomic_write_text
+from rundir import atomic_write_text, die
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 # the paper's Table 1: (supervision, readout, norm_penalty)
 CONDITIONS = [("terminal", "rmsnorm", 0.0), ("terminal", "scale_visible", 0.0),
               ("per_loop", "rmsnorm", 0.0), ("per_loop", "scale_visible", 0.0),
               ("per_loop", "final_only", 0.0), ("terminal", "rmsnorm", 0.01),
               ("per_loop", "rmsnorm", 0.01)]
+
+
+def preset_file(v):
+    """A preset path as given, else relative to this repository, so that the default
+    (config/cpu.py) works from any folder."""
+    if v == "" or os.path.isfile(v):
+        return v
+    return os.path.join(HERE, v)
 
 
 def splits(v):
@@ -46,9 +58,10 @@ OPTIONS = {
     "out_dir": ("out/repro", "table1: where its runs go; claims: the folder of runs to judge",
                 NONEMPTY),
     "data_dir": ("data", "table1: where prepare.py wrote the datasets", NONEMPTY),
-    "preset": ("", "table1: the train.py preset every condition starts from ('' = defaults)",
+    "preset": ("config/cpu.py", "table1: the train.py preset every condition starts from "
+                                "('' = train.py's defaults: the paper's 44M model)",
                check("'' or a .py preset file that exists",
-                     lambda v: v == "" or (v.endswith(".py") and os.path.isfile(v)),
+                     lambda v: v == "" or (v.endswith(".py") and os.path.isfile(preset_file(v))),
                      ["config/nope.py"])),
     "seeds": (3, "table1: seeds per condition", at_least(1)),
     "train_args": ("", "table1: extra train.py flags for every run, e.g. '--max_iters=300'",
@@ -69,21 +82,48 @@ def finished(out):
     return last["iter"] >= last["config"]["max_iters"]
 
 
+def run_args(cfg, supervision, readout, penalty, seed):
+    """(folder, train.py arguments) of one table1 run."""
+    out = os.path.join(cfg.out_dir, f"{supervision}_{readout}_pen{penalty:g}_seed{seed}")
+    preset = [preset_file(cfg.preset)] if cfg.preset else []
+    return out, [*preset, f"--out_dir={out}", f"--data_dir={cfg.data_dir}",
+                 f"--supervision={supervision}", f"--readout={readout}",
+                 f"--norm_penalty={penalty}", f"--seed={seed}", *shlex.split(cfg.train_args)]
+
+
+def other_settings(out, args):
+    """(key, logged value, value now) for each setting in which the run logged in `out` differs
+    from the one train.py `args` would train now; [] when they agree or nothing is logged yet."""
+    import train
+    log = os.path.join(out, "log.jsonl")
+    if not os.path.isfile(log) or os.path.getsize(log) == 0:
+        return []
+    then = load_run(out)[0][-1]["config"]
+    now, _ = parse("train.py", train.OPTIONS, args, together=train.together)
+    return [(k, then.get(k, "?"), v) for k, v in vars(now).items()
+            if k not in train.IO_KEYS and then.get(k, "?") != v]
+
+
 def table1(cfg):
     """Train each condition for each seed, then tabulate the last evaluation of each run."""
     from train import main as train
+    runs = {(c, seed): run_args(cfg, *c, seed) for c in CONDITIONS
+            for seed in range(1, cfg.seeds + 1)}
+    for out, args in runs.values():  # reusing a run trained otherwise would be a wrong table
+        differs = other_settings(out, args)
+        if differs:
+            then = ", ".join(f"{k}={a!r}" for k, a, _ in differs)
+            now = ", ".join(f"{k}={b!r}" for k, _, b in differs)
+            die(f"{out} holds a run trained with {then}; this table would train it with {now}. "
+                f"Delete the folder, or give another --out_dir")
     rows = []
     for supervision, readout, penalty in CONDITIONS:
         norms, ppls = [], []
         for seed in range(1, cfg.seeds + 1):
-            out = os.path.join(cfg.out_dir, f"{supervision}_{readout}_pen{penalty:g}_seed{seed}")
+            out, args = runs[(supervision, readout, penalty), seed]
             if not finished(out):
                 resume = ["--init_from=resume"] if os.path.isfile(f"{out}/ckpt.pt") else []
-                preset = [cfg.preset] if cfg.preset else []
-                train([*preset, f"--out_dir={out}", f"--data_dir={cfg.data_dir}",
-                       f"--supervision={supervision}", f"--readout={readout}",
-                       f"--norm_penalty={penalty}", f"--seed={seed}", *resume,
-                       *shlex.split(cfg.train_args)])
+                train([*args, *resume])
             last = load_run(out)[0][-1]
             norms.append(last["hidden_norm"][-1])
             ppls.append(math.exp(last["val_loop_ce"][-1]))

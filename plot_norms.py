@@ -7,7 +7,8 @@ See the blind spot: plot the hidden-state norms and per-depth perplexity of one 
 Reads each run's log.jsonl (and eval.json from eval.py, when present) and writes one PNG:
   1. ||h_K|| over training iterations (log y)   2. ||h_k|| against loop k at the end of training
   3. val PPL against exit depth k               4. val PPL against mean loops under adaptive exit
-and prints a table. Runs are labelled by their condition, read from the log's config.
+and prints a table. Runs are labelled by their condition (readout, supervision, penalty, loop norm)
+and key=value for every other setting that differs between the runs, read from each log's config.
 --depth_map also draws each run's held-out passage with every token shaded by the loop it
 exits at under calibrated halting (eval.py's depth_map), one row per run.
 """
@@ -23,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from configurator import check, one_of, parse  # noqa: E402
 from model import EXIT_POLICIES  # noqa: E402
+from train import IO_KEYS  # noqa: E402
 
 LOG_KEYS = ("iter", "val_loop_ce", "hidden_norm", "config")
 
@@ -42,17 +44,55 @@ OPTIONS = {
 }
 
 
-def condition(config, with_lr=False):
-    """'rmsnorm, per-loop, penalty 0.01, loop norm': the run's place in the paper's grid (and its
-    learning rate, when the runs compared do not share one)."""
+# Not settings of an experiment: where its files go, and over how many processes its global
+# batch was shared. device, dtype and compile are compared as they ran ("resolved"), not as
+# given ("auto").
+NOT_SETTINGS = (*IO_KEYS, "world_size", "resolved")
+CONDITION_KEYS = ("readout", "supervision", "norm_penalty", "loop_norm")  # said in words
+
+
+def settings(config):
+    """A run's settings from its logged config; a setting it lacks (an older train.py) is ?."""
+    ran = config | config.get("resolved", {})
+    return {k: v for k, v in ran.items() if k not in NOT_SETTINGS}
+
+
+def differing(configs):
+    """The settings, other than the condition's, whose value is not the same in all `configs`."""
+    runs = [settings(c) for c in configs]
+    keys = dict.fromkeys(k for run in runs for k in run)  # in the order of the logs
+    return [k for k in keys if k not in CONDITION_KEYS
+            and any(run.get(k, "?") != runs[0].get(k, "?") for run in runs)]
+
+
+def condition(config, compared=()):
+    """'rmsnorm, per-loop, penalty 0.01, loop norm': the run's place in the paper's grid, then
+    key=value for every other setting that differs between the runs compared (`compared`: their
+    configs), so that runs which differ in anything (K, data, width, seed, a new model knob) are
+    told apart."""
     parts = [config["readout"], config["supervision"].replace("_", "-")]
     if config.get("norm_penalty"):
         parts.append(f"penalty {config['norm_penalty']:g}")
     if config.get("loop_norm"):
         parts.append("loop norm")
-    if with_lr:
-        parts.append(f"lr {config['learning_rate']:g}")
+    mine = settings(config)
+    parts += [f"{k}={mine.get(k, '?')}" for k in differing(compared)]
     return ", ".join(parts)
+
+
+def labels(runs):
+    """{folder: label}: each run's condition among the runs compared; runs whose settings are all
+    the same (a run and its copy) are told apart by their folder names."""
+    configs = [log[-1]["config"] for log, _ in runs.values()]
+    conditions = {folder: condition(log[-1]["config"], configs)
+                  for folder, (log, _) in runs.items()}
+    taken = list(conditions.values())
+    out = {}
+    for folder, label in conditions.items():
+        if taken.count(label) > 1:
+            label = f"{label} ({os.path.basename(folder.rstrip('/'))})"
+        out[folder] = label
+    return out
 
 
 def load_run(folder):
@@ -86,14 +126,11 @@ def load_run(folder):
     return log, ev if "halting" in ev else None
 
 
-def mixed_lr(runs):
-    return len({log[-1]["config"]["learning_rate"] for log, _ in runs.values()}) > 1
-
-
 def table(runs, policy, unit):
     print(f"{'run':<24} {'condition':<46} {'||h_K||':>9} {'PPL':>7}  {'mean loops':>10}  "
           f"PPL at k = 1..K")
     rows = []
+    label = labels(runs)
     for folder, (log, ev) in runs.items():
         last = log[-1]
         if ev:
@@ -102,7 +139,7 @@ def table(runs, policy, unit):
         else:
             ppl_k = [math.exp(c) for c in last["val_loop_ce"]]
             loops = float("nan")
-        cond = condition(last["config"], mixed_lr(runs))
+        cond = label[folder]
         name = os.path.basename(folder.rstrip("/"))
         print(f"{name:<24} {cond:<46} {last['hidden_norm'][-1]:9.4g} {ppl_k[-1]:7.3f}  "
               f"{loops:10.2f}  " + " ".join(f"{p:.3f}" for p in ppl_k))
@@ -114,10 +151,10 @@ def table(runs, policy, unit):
 def plot(runs, out):
     diag = any(ev and "spread" in ev for _, ev in runs.values())  # eval.py --run=all: 2 more
     fig, ax = plt.subplots(2, 3 if diag else 2, figsize=(18 if diag else 12, 9))
+    label = labels(runs)
     for folder, (log, ev) in runs.items():
-        label = condition(log[-1]["config"], mixed_lr(runs))
         iters = [e["iter"] for e in log]
-        line = ax[0, 0].plot(iters, [e["hidden_norm"][-1] for e in log], label=label)[0]
+        line = ax[0, 0].plot(iters, [e["hidden_norm"][-1] for e in log], label=label[folder])[0]
         c = line.get_color()
         norms = log[-1]["hidden_norm"]
         ax[0, 1].plot(range(1, len(norms) + 1), norms, "o-", color=c)
@@ -173,6 +210,7 @@ def plot_depth_map(runs, out, columns=64):
     fig, axes = plt.subplots(len(maps), 1, figsize=(0.16 * columns, height), squeeze=False,
                              gridspec_kw={"height_ratios": rows})
     cmap = plt.get_cmap("YlOrRd")
+    label = labels(runs)
 
     def shade(k, K):  # light for loop 1, dark for loop K
         return cmap(0.1 + 0.85 * (k - 1) / max(1, K - 1))
@@ -183,8 +221,7 @@ def plot_depth_map(runs, out, columns=64):
             ax.text(c + 0.5, -r - 0.5, ch, ha="center", va="center", fontsize=7,
                     family="monospace", color="white" if k > (K + 1) // 2 else "black")
         mean = sum(m["exit_loop"]) / len(m["exit_loop"])
-        log, _ = runs[folder]
-        ax.set_title(f"{condition(log[-1]['config'], mixed_lr(runs))}: mean exit loop "
+        ax.set_title(f"{label[folder]}: mean exit loop "
                      f"{mean:.2f} of {K} ({m['policy']}, per {m['exit_unit']}, calibrated)",
                      fontsize=9, loc="left")
         ax.set_xlim(0, columns)

@@ -140,7 +140,7 @@ def exit_step(model, x, pos0, K, caches, policy, threshold):
             if k == K:
                 chosen = model.readout(h[:, -1], k)
             continue
-        if caches is not None and k > 1 and done.any():
+        if caches is not None and k > 1:
             # rows that exited: their token's K/V here are those of the loop above (and so of
             # its exit loop). A masked copy of every row, not an if: no host sync per loop.
             exited = done[:, None, None]  # [B, 1, 1], over heads and head dims

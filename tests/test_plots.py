@@ -5,6 +5,8 @@ import json
 import math
 import os
 
+import pytest
+
 from conftest import run
 
 
@@ -21,6 +23,7 @@ def test_plot_norms_png_table_and_depth_map(tiny_runs, data_dir, tmp_path):
     for png in (out, depth):
         assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
     assert "rmsnorm, per-loop" in p.stdout and "scale_visible, per-loop" in p.stdout
+    assert "=" not in p.stdout.splitlines()[1]  # they differ in the readout only
 
 
 def test_plot_norms_bad_folders(tmp_path):
@@ -34,10 +37,61 @@ def test_plot_norms_bad_folders(tmp_path):
     assert p.returncode != 0 and "another format" in p.stderr and "Traceback" not in p.stderr
 
 
+# ---- run labels: every setting that differs between the runs compared ---------------------
+
+def logged_config(**changes):
+    """A run's config as train.py logs it: every option, the data's vocabulary, the processes
+    and what 'auto' resolved to."""
+    import train
+    config = {k: spec[0] for k, spec in train.OPTIONS.items()}
+    config |= {"vocab_size": 65, "world_size": 1,
+               "resolved": {"device": "cpu", "dtype": "float32", "compile": False,
+                            "data_dir": "/somewhere/data"}}
+    return config | changes
+
+
+def test_labels_name_every_setting_that_differs():
+    from plot_norms import condition
+    a, b = logged_config(n_loops=3), logged_config(n_loops=6)
+    assert condition(a, [a, b]) == "rmsnorm, per-loop, n_loops=3"
+    assert condition(b, [a, b]) == "rmsnorm, per-loop, n_loops=6"
+    # a setting train.py does not have yet (a new model knob): no edit to plot_norms
+    c = logged_config(wobble=0.5)
+    assert condition(c, [a, c]) == "rmsnorm, per-loop, n_loops=4, wobble=0.5"
+    assert condition(a, [a, c]) == "rmsnorm, per-loop, n_loops=3, wobble=?"
+    # several at once, in the log's order, next to the condition's own words
+    d = logged_config(readout="scale_visible", norm_penalty=0.01, dataset="tiny", seed=2,
+                      learning_rate=6e-3, max_iters=800)
+    assert condition(d, [a, d]) == ("scale_visible, per-loop, penalty 0.01, dataset=tiny, "
+                                    "n_loops=4, learning_rate=0.006, max_iters=800, seed=2")
+    # what ran, not what was asked: 'auto' on two machines
+    e = logged_config(resolved={"device": "cuda", "dtype": "bfloat16", "compile": True,
+                                "data_dir": "/elsewhere/data"})
+    assert condition(e, [a, e]) == ("rmsnorm, per-loop, n_loops=4, device=cuda, "
+                                    "dtype=bfloat16, compile=True")
+    # where the files went and how many processes shared the batch are not settings
+    f = logged_config(out_dir="elsewhere", data_dir="d2", init_from="resume", log_interval=1,
+                      world_size=8)
+    assert condition(f, [logged_config(), f]) == "rmsnorm, per-loop"
+    assert condition(a) == condition(a, [a, a]) == "rmsnorm, per-loop"  # alone or identical
+
+
+def test_labels_of_runs_with_the_same_settings_name_their_folders():
+    from plot_norms import labels
+
+    def run_of(config):
+        return [{"config": config}], None
+    runs = {"out/a": run_of(logged_config()), "out/b/": run_of(logged_config(out_dir="b")),
+            "out/c": run_of(logged_config(seed=7))}
+    assert labels(runs) == {"out/a": "rmsnorm, per-loop, seed=1337 (a)",
+                            "out/b/": "rmsnorm, per-loop, seed=1337 (b)",
+                            "out/c": "rmsnorm, per-loop, seed=7"}
+
+
 # ---- the paper's diagnostics -----------------------------------------------------------------
 
 
-def test_seven_condition_table(data_dir, tmp_path):
+def test_seven_condition_table(data_dir, tmp_path, capsys):
     from conftest import TINY
     from experiments import main
     preset = tmp_path / "tiny.py"
@@ -53,6 +107,31 @@ def test_seven_condition_table(data_dir, tmp_path):
     main(["--run=table1", f"--out_dir={tmp_path / 't1'}", f"--data_dir={data_dir}",
           "--seeds=2", f"--preset={preset}", f"--train_args={args}"])  # finished: skipped
     assert os.path.getmtime(tmp_path / "t1" / "terminal_rmsnorm_pen0_seed1" / "ckpt.pt") == done
+    # finished runs trained otherwise are not reused for another table: one line, nothing run
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["--run=table1", f"--out_dir={tmp_path / 't1'}", f"--data_dir={data_dir}",
+              "--seeds=2", f"--preset={preset}", f"--train_args={args} --max_iters=6"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "trained with max_iters=4; this table would train it with max_iters=6" in err
+    assert os.path.getmtime(tmp_path / "t1" / "terminal_rmsnorm_pen0_seed1" / "ckpt.pt") == done
+
+
+def test_table1_starts_from_the_cpu_demo(tmp_path, monkeypatch):
+    """train.py's defaults are the paper's 44M model; table1's runs default to config/cpu.py,
+    from any folder, and --preset='' still means train.py's defaults."""
+    import experiments
+    import train
+    from configurator import parse
+    monkeypatch.chdir(tmp_path)
+    for preset, n_embd in ((None, 128), ("", train.OPTIONS["n_embd"][0])):
+        argv = [] if preset is None else [f"--preset={preset}"]
+        cfg, _ = parse("experiments.py", experiments.OPTIONS, ["--run=table1", *argv])
+        _, args = experiments.run_args(cfg, "per_loop", "rmsnorm", 0.0, 1)
+        run, _ = parse("train.py", train.OPTIONS, args)
+        assert run.n_embd == n_embd and run.seed == 1 and run.supervision == "per_loop"
+    assert train.OPTIONS["n_embd"][0] == 512  # the paper's 44M: not a CPU run
 
 
 def figures(name, readout="rmsnorm", penalty=0.0, loop_norm=False, lr=6e-3, norms=None,

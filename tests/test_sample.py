@@ -10,7 +10,6 @@ from conftest import run
 from model import LoopedGPT, LoopedGPTConfig, exit_score, exits
 from sample import KVCache, depth_colours, exit_step, generate, parse_depth, render_depth
 from standin import standin
-from rundir import load_checkpoint, model_from_checkpoint
 
 
 def tiny(**kw):
@@ -20,8 +19,14 @@ def tiny(**kw):
     return LoopedGPT(LoopedGPTConfig(**args)).eval()
 
 
-def trained(folder):
-    return model_from_checkpoint(load_checkpoint(str(folder / "ckpt.pt")), "cpu")
+@pytest.fixture
+def one_thread():
+    """Tiny tensors, thousands of ops: one thread is faster, and is not slowed 10-100x when other
+    processes hold the cores (a team of OpenMP threads waits for its slowest one at every op)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_generate_crops_context_and_respects_depth():
@@ -35,6 +40,7 @@ def test_generate_crops_context_and_respects_depth():
     assert out[0, 10] == logits[0, -1].argmax()
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_kv_cache_rule_for_early_exit():
     """A token that exits at loop e gets loop e's keys/values at the deeper loops of the cache."""
     model = tiny(n_loops=3).double()
@@ -154,6 +160,7 @@ def generated(model, prompt, n, monkeypatch, **kw):
     return out, loops, torch.stack(seen, 1)
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no_cache"])
 @pytest.mark.parametrize("n_loops", [2, 4])
 def test_kv_cache_fixed_depth_matches_recompute_at_the_logits(use_cache, n_loops, monkeypatch):
@@ -168,6 +175,7 @@ def test_kv_cache_fixed_depth_matches_recompute_at_the_logits(use_cache, n_loops
     assert torch.equal(loops, want_loops)
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no_cache"])
 def test_kv_cache_adaptive_exit_matches_recompute_at_the_logits(use_cache, monkeypatch):
     """Rows exit at different loops, token by token; with a cache each exited token's deeper
