@@ -31,7 +31,6 @@ MFU is against this CPU's measured fp32 matmul throughput, or the GPU's dense bf
 """
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -376,12 +375,12 @@ def report(results, vocab, peak_flops, rounds=None):
         r["mfu"] = r["model_flops_per_sec"] / peak_flops if peak_flops else None
     ref = by.get("nanogpt")
     for r in results:
-        rel = r["model_flops_per_sec"] / ref["model_flops_per_sec"] if ref else float("nan")
+        rel = r["model_flops_per_sec"] / ref["model_flops_per_sec"] if ref else None
         r["vs_nanogpt"] = rel
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         print(f"{r['case']:<12} {r['tokens_per_sec']:>9,.0f} {r['step_s'] * 1e3:>9.1f} "
               f"{mib(r['peak_mem_bytes']):>9} {r['model_flops_per_sec'] / 1e9:>14.2f} "
-              f"{mfu:>6} {rel:>10.2f}x")
+              f"{mfu:>6} {'n/a' if rel is None else f'{rel:.2f}x':>11}")
     ratios = {}
 
     def ratio(name, value, target, above):
@@ -527,7 +526,7 @@ def main(argv=None):
     peak_flops, peak_src = device_peak(device, cfg.peak_tflops)
     memory_how = peak_memory_how(device) or f"not measured on {kind}"
     n_layer, n_head, n_embd, batch = sizes(cfg)
-    threads = f" ({torch.get_num_threads()} threads)" if kind == "cpu" else ""
+    threads = f" (threads={torch.get_num_threads()})" if kind == "cpu" else ""
     print(f"n_layer {n_layer}, n_head {n_head}, n_embd {n_embd}, K {cfg.n_loops}, sequence "
           f"{cfg.block_size}, batch {cfg.batch_size or batch}, {device}{threads} {dtype}"
           f"{' compiled' if cfg.compile else ''}; MFU against {peak_src}; peak memory: "
@@ -557,7 +556,7 @@ def main(argv=None):
         summary["generation"] = g
     if cfg.json:
         with open(cfg.json, "w") as f:
-            json.dump(summary, f, indent=1, default=lambda v: None if math.isnan(v) else v)
+            json.dump(summary, f, indent=1)
     return summary
 
 

@@ -396,8 +396,9 @@ class ReadoutCE(torch.autograd.Function):
     def forward(ctx, x, weight, targets, rows_per_chunk, with_grad):
         # matmuls in autocast's dtype when it is on; softmax sums in fp32 (fp64 for fp64 inputs)
         dt = x.dtype
-        if torch.is_autocast_enabled(x.device.type):
-            dt = torch.get_autocast_dtype(x.device.type)
+        kind = x.device.type
+        if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+            dt = torch.get_autocast_dtype(kind)
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         valid = targets != -1
         n = valid.sum().clamp(min=1)

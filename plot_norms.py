@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from configurator import check, one_of, parse  # noqa: E402
 from model import EXIT_POLICIES  # noqa: E402
+from rundir import read_log, writable_parent  # noqa: E402
 from train import IO_KEYS  # noqa: E402
 
 LOG_KEYS = ("iter", "val_loop_ce", "hidden_norm", "config")
@@ -100,26 +101,26 @@ def load_run(folder):
     path = os.path.join(folder, "log.jsonl")
     if not os.path.isfile(path):
         raise SystemExit(f"error: {folder}: no log.jsonl (is this a train.py out_dir?)")
-    log = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                raise SystemExit(f"error: {folder}: log.jsonl line {n} is not JSON")
-            missing = [k for k in LOG_KEYS if k not in entry]
-            if missing:
-                raise SystemExit(f"error: {folder}: log.jsonl is from another format (line {n} "
-                                 f"lacks {', '.join(missing)}); re-run train.py to get a "
-                                 f"current log")
-            log.append(entry)
+    log = read_log(path)  # lines that are not entries (hand-edited, blank) are skipped
+    for entry in log:
+        missing = [k for k in LOG_KEYS if k not in entry]
+        if missing:
+            raise SystemExit(f"error: {folder}: log.jsonl is from another format (iter "
+                             f"{entry['iter']} lacks {', '.join(missing)}); re-run train.py "
+                             f"to get a current log")
     if not log:
         raise SystemExit(f"error: {folder}: log.jsonl is empty (the run has not evaluated yet)")
     ev_path = os.path.join(folder, "eval.json")
     if not os.path.isfile(ev_path):
         return log, None
-    with open(ev_path) as f:
-        ev = json.load(f)
+    try:
+        with open(ev_path, encoding="utf-8") as f:
+            ev = json.load(f)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {ev_path} is damaged ({type(e).__name__}); run python eval.py "
+                         f"--out_dir={folder} again")
+    if not isinstance(ev, dict):
+        raise SystemExit(f"error: {ev_path} is not eval.py's output; run eval.py again")
     if "per_depth" in ev and "halting" not in ev:
         raise SystemExit(f"error: {folder}: eval.json is from an older eval.py; run "
                          f"python eval.py --out_dir={folder} again")
@@ -256,6 +257,9 @@ def layout(m, columns):
 def main(argv=None):
     cfg, _ = parse("plot_norms.py", OPTIONS, argv, __doc__,
                    positional=("runs", "train.py out_dir folders"))
+    for path, flag in ((cfg.out, "--out"), (cfg.depth_map, "--depth_map")):
+        if path:  # checked before the work, not when the figure is saved
+            writable_parent(path, flag)
     runs = {folder: load_run(folder) for folder in cfg.runs}
     rows = table(runs, cfg.policy, cfg.exit_unit)
     plot(runs, cfg.out)

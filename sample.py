@@ -203,14 +203,20 @@ def parse_depth(text, K, colour):
 def main(argv=None):
     cfg, _ = parse("sample.py", OPTIONS, argv, __doc__, together=together)
     device = device_or_exit(cfg.device)
-    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), device)
+    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))  # on the CPU: only the
+    # model goes to the device, not the optimizer's state
     model = model_from_checkpoint(ckpt, device)
     encode, decode = load_tokenizer(ckpt["meta"])
 
     start = cfg.start
     if start.startswith("FILE:"):
-        with open(start[5:], encoding="utf-8") as f:
-            start = f.read()
+        try:
+            with open(start[5:], encoding="utf-8") as f:
+                start = f.read()
+        except UnicodeDecodeError:
+            die(f"the prompt file {start[5:]} is not UTF-8 text; save it as UTF-8")
+        except OSError as e:
+            die(f"cannot read the prompt file {start[5:]} ({e.strerror})")
     try:
         ids = encode(start)
     except ValueError as e:

@@ -41,7 +41,7 @@ def test_bench_runs_every_case_and_prints_ratios(tmp_path):
             env=dict(os.environ, OMP_NUM_THREADS="1"))  # as one_thread, for its processes
     assert p.returncode == 0, p.stderr[-2000:]
     for words in ("n_layer 2, n_head 4, n_embd 128, K 2",  # config/cpu.py's sizes
-                  "cpu (1 threads)",
+                  "cpu (threads=1)",
                   "peak memory: peak RSS (VmHWM", "vocab gpt2", "vocab char",
                   "terminal step time / flat step time", "the same, round by round",
                   "dense executed FLOP/s / terminal executed FLOP/s", "nanogpt model FLOP/s",
