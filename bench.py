@@ -98,6 +98,9 @@ OPTIONS = {
     "json": ("", "also write the results to this JSON file",
              check("'' or a path ending in .json", lambda v: v == "" or v.endswith(".json"),
                    ["out.txt"])),
+    "compile_probe": (False, "instead of timing steps: torch.compile the dense case with each "
+                             "readout CE (plain, chunked) and report its graph size and "
+                             "compile time", None),
     "one_case": ("", "internal: run one case (case@vocab) and print its result as JSON",
                  check("'' or case@vocab", lambda v: v == "" or (
                      v.count("@") == 1 and v.split("@")[0] in CASES
@@ -185,6 +188,49 @@ def build(cfg, case, vocab):
         vocab_size=V, block_size=cfg.block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
         n_loops=n_loops, supervision="terminal" if case == "terminal" else "per_loop",
         readout_ce="plain" if case == "official" else "auto"))
+
+
+# ---- what torch.compile makes of the readout CE ------------------------------------------
+
+def compile_probe(cfg, vocab, device, dtype):
+    """Compile one dense training step with each readout CE: FX graph nodes (forward and
+    backward graphs, over all graph breaks) and the seconds the first step takes beyond a
+    compiled one. The chunk loop of ReadoutCE is unrolled by the compiler, so its chunk count
+    (at most model.COMPILED_CHUNKS under compile) sets the graph size."""
+    from torch._inductor.compile_fx import compile_fx
+    results = {}
+    # plain twice: the first compile in a process also pays the compiler's own start-up
+    for ce in ("plain", "chunked", "plain"):
+        torch._dynamo.reset()
+        nodes = []
+
+        def counting(gm, example_inputs):
+            nodes.append(len(gm.graph.nodes))
+            return compile_fx(gm, example_inputs)
+        torch.manual_seed(0)
+        n_layer, n_head, n_embd, batch = sizes(cfg)
+        model = LoopedGPT(LoopedGPTConfig(
+            vocab_size=VOCABS[vocab], block_size=cfg.block_size, n_layer=n_layer, n_head=n_head,
+            n_embd=n_embd, n_loops=cfg.n_loops, readout_ce=ce)).to(device).train()
+        step = torch.compile(model, backend=counting)
+        B = cfg.batch_size or batch
+        x = torch.randint(VOCABS[vocab], (B, cfg.block_size), device=device)
+        times = []
+        for _ in range(2):
+            synchronize(device)
+            t0 = time.perf_counter()
+            with autocast(device, dtype):
+                _, loss, _ = step(x, x, return_logits=False)
+            loss.backward()
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+        results[ce] = {"graph_nodes": sum(nodes), "graphs": len(nodes),
+                       "compile_s": times[0] - times[1], "step_s": times[1]}
+        print(f"readout_ce={ce:<8} {sum(nodes):>6} FX nodes in {len(nodes)} graphs, compile "
+              f"{times[0] - times[1]:7.1f} s, then {times[1]:.2f} s a step", flush=True)
+    for key in ("graph_nodes", "compile_s"):
+        print(f"  chunked / plain {key}: x{results['chunked'][key] / results['plain'][key]:.2f}")
+    return results
 
 
 # ---- peak memory: what the steps add, measured as each device allows -----------------------
@@ -509,6 +555,12 @@ def main(argv=None):
         torch.cuda.set_device(device)  # compile, streams and memory stats on this GPU
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if cfg.compile_probe:
+        out = {v: compile_probe(cfg, v, device, dtype) for v in cfg.vocab.split(",")}
+        if cfg.json:
+            with open(cfg.json, "w") as f:
+                json.dump(out, f, indent=1)
+        return out
     if cfg.one_case:  # child process: one case, one JSON line
         case, vocab = cfg.one_case.split("@")
         print(json.dumps(run_case(cfg, case, vocab, device, dtype)))

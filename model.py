@@ -372,16 +372,19 @@ def strict_to_loose(thresholds, policy):
 
 # ---- a lean CE for the exits at large vocabularies ---------------------------------------
 
-# logits elements per chunk: a few large chunks on a GPU (few kernel launches, and a short loop
-# for torch.compile to unroll), cache-sized ones on a CPU
+# logits elements per chunk: a few large chunks on a GPU (few kernel launches), cache-sized ones
+# on a CPU; and at most COMPILED_CHUNKS under torch.compile, which unrolls the chunk loop
 CHUNK_ELEMS = {"cuda": 2 ** 28, "mps": 2 ** 26}
 CPU_CHUNK_ELEMS = 2 ** 23
+COMPILED_CHUNKS = 8
 
 
 def chunk_rows(n_rows, vocab_size, device_type):
     """Rows of logits per chunk on this kind of device (all rows when they fit in one)."""
-    elems = CHUNK_ELEMS.get(device_type, CPU_CHUNK_ELEMS)
-    return max(1, min(n_rows, elems // vocab_size))
+    rows = CHUNK_ELEMS.get(device_type, CPU_CHUNK_ELEMS) // vocab_size
+    if torch.compiler.is_compiling():
+        rows = max(rows, -(-n_rows // COMPILED_CHUNKS))
+    return max(1, min(n_rows, rows))
 
 
 class ReadoutCE(torch.autograd.Function):

@@ -355,3 +355,15 @@ def test_training_step_without_logits_is_the_same_step():
     torch.testing.assert_close(l1, l0, rtol=1e-12, atol=1e-12)
     for a, b in zip(g0, g1):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+
+
+def test_readout_ce_chunks_per_device_and_under_compile(monkeypatch):
+    """A few large chunks on a GPU, cache-sized ones on a CPU, at most 8 under torch.compile
+    (which unrolls the loop), all rows when they fit in one chunk."""
+    from model import chunk_rows
+    n, V = 64 * 256, 50257  # the 44M preset's batch at GPT-2's vocabulary
+    assert -(-n // chunk_rows(n, V, "cuda")) == 4
+    assert chunk_rows(n, V, "cpu") == 2 ** 23 // V
+    assert chunk_rows(n, 69, "cpu") == n and chunk_rows(100, V, "mps") == 100
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert -(-n // chunk_rows(n, V, "cpu")) == 8
