@@ -179,3 +179,30 @@ def test_claims_cli_on_tiny_runs(tiny_runs, tmp_path):
     claims = json.loads((tmp_path / "claims.json").read_text())
     assert len(claims) == 4 and "loop norm" in claims[3]["claim"]
     assert not claims[3]["held"]  # no loop-norm run among them: reported, not hidden
+
+
+@pytest.mark.parametrize("claim,break_it", [
+    (0, lambda runs: runs[1]["hidden_norm"].__setitem__(-1, 400)),  # rmsnorm only 7.5x
+    (1, lambda runs: runs[2]["ppl"].__setitem__(1, 12.0)),  # penalty behind at depth 2
+    (2, lambda runs: runs[0]["lemma1"].__setitem__("max_abs_cos", 1e-3)),  # not orthogonal
+    (3, lambda runs: runs[4].__setitem__("hidden_norm", [12, 20, 22]))])  # loop norm grows
+def test_each_claim_flips_alone_on_its_own_figure(claim, break_it):
+    from experiments import judge
+    runs = paper_like()
+    break_it(runs)
+    held = [c["held"] for c in judge(runs)]
+    assert held == [i != claim for i in range(4)], held
+
+
+def test_claims_compare_each_run_with_the_rmsnorm_run_trained_like_it():
+    """The loop-norm run (lr 3e-3) is judged against the rmsnorm run at 3e-3, not the one at
+    6e-3; a terminal-loss rmsnorm run is no baseline for per-loop runs."""
+    from experiments import judge
+    runs = paper_like()
+    runs[3]["hidden_norm"][-1] = 150  # rmsnorm at 3e-3: 6.8x loop norm's 22 (not 10x)
+    assert [c["held"] for c in judge(runs)] == [False, True, True, True]
+    runs = paper_like()
+    terminal = figures("rmsnorm_terminal", norms=[1, 1, 1], ppl=[99, 99, 99],
+                       lemma={"max_abs_cos": 1e-12, "mean_abs_cos": 1e-13})
+    terminal["config"]["supervision"] = "terminal"
+    assert [c["held"] for c in judge([terminal] + runs)] == [True] * 4
