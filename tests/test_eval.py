@@ -486,3 +486,24 @@ def test_threshold_sweep_recomputed(tiny_runs, data_dir):
         assert loops == pytest.approx(sum(exit_at) / len(exit_at))
         token_ce = [ce[k - 1][i] for i, k in enumerate(exit_at)]
         assert ppl == pytest.approx(math.exp(sum(token_ce) / len(token_ce)), rel=1e-6)
+
+
+def test_eval_all_end_to_end_values(tiny_runs, data_dir, tmp_path):
+    """eval.py --run=all writes what the functions compute on the run's own batches: the
+    per-depth CE at K is the model's own val CE, the diagnostics equal direct calls."""
+    from eval import lemma1, main, scale, spread
+    shutil.copytree(tiny_runs["scale_visible"], tmp_path / "run")
+    out = main([f"--out_dir={tmp_path / 'run'}", "--run=all", "--eval_iters=2",
+                "--n_thresholds=3"])
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["scale"] == out["scale"]
+    model, ckpt = load_model(tmp_path / "run")
+    T, B = ckpt["config"]["block_size"], ckpt["config"]["batch_size"]
+    data, _ = load_data(data_dir, "tiny_char", T)
+    batches = [get_batch(data["val"], B, T, eval_seed(i, "val")) for i in range(2)]
+    K = model.config.n_loops
+    with torch.no_grad():
+        own = sum(model(x, y)[2]["loop_ce"][K - 1].item() for x, y in batches) / 2
+    assert out["per_depth"]["ce"][K - 1] == pytest.approx(own, rel=1e-5)
+    assert out["scale"] == scale(model, batches)
+    assert out["spread"]["per_loop"] == spread(model, batches)["per_loop"]
+    assert out["lemma1"]["max_abs_cos"] == pytest.approx(lemma1(model, batches)["max_abs_cos"])
