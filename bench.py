@@ -46,6 +46,7 @@ from configurator import DEVICE, at_least, check, device_or_exit, error, one_of,
 from configurator import read_preset
 from device import autocast, keep_freed_memory, peak_tflops, pick_dtype, synchronize
 from model import LoopedGPT, LoopedGPTConfig
+from rundir import writable_parent
 from sample import generate
 from train import OPTIONS as TRAIN_OPTIONS
 
@@ -555,6 +556,8 @@ def main(argv=None):
         torch.cuda.set_device(device)  # compile, streams and memory stats on this GPU
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if cfg.json:  # checked before minutes of work, not after
+        writable_parent(cfg.json, "--json")
     if cfg.compile_probe:
         out = {v: compile_probe(cfg, v, device, dtype) for v in cfg.vocab.split(",")}
         if cfg.json:

@@ -341,3 +341,14 @@ def test_eval_keeps_the_parts_done_before_a_late_failure(run_copy, monkeypatch):
     done = json.loads((run_copy / "eval.json").read_text())
     assert {"per_depth", "halting", "lens", "lemma1", "decomposition", "clamp",
             "scale"} <= done.keys()
+
+
+@pytest.mark.parametrize("script,args", [
+    ("plot_norms.py", ["--out=no/such/folder/fig.png"]),
+    ("plot_norms.py", ["--depth_map=no/such/folder/map.png"]),
+    ("bench.py", ["--json=no/such/folder/bench.json", "--steps=1"])])
+def test_output_file_in_a_missing_folder_is_named_before_the_work(script, args, run_copy):
+    if script == "plot_norms.py":
+        args = [str(run_copy), *args]
+    p = run(script, *args)
+    one_line_error(p, 1, "does not exist")
