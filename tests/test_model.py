@@ -367,3 +367,33 @@ def test_readout_ce_chunks_per_device_and_under_compile(monkeypatch):
     assert chunk_rows(n, 69, "cpu") == n and chunk_rows(100, V, "mps") == 100
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert -(-n // chunk_rows(n, V, "cpu")) == 8
+
+
+def test_loop_norm_acts_between_loops_only():
+    """Loop norm RMSNorms the state carried into loops 2..K, never the embedding into loop 1:
+    with the same weights, h_1 is the plain model's h_1 and the next state starts from
+    RMSNorm(h_1)."""
+    idx, _ = batch()
+    plain = tiny().double()
+    normed = tiny(loop_norm=True).double()
+    normed.load_state_dict(plain.state_dict())  # loop norm has no weights of its own
+    with torch.no_grad():
+        h_plain, h_normed = plain.loop_states(idx), normed.loop_states(idx)
+        assert torch.equal(h_normed[0], h_plain[0])
+        rms = h_plain[0].pow(2).mean(-1, keepdim=True).add(torch.finfo(torch.float64).eps).sqrt()
+        expect = plain.loop(h_plain[0] / rms, 2)
+        torch.testing.assert_close(h_normed[1], expect, rtol=1e-5, atol=1e-8)
+
+
+def test_residual_projections_start_small_for_the_looped_depth():
+    """GPT-2's 1/sqrt(2 * depth) on the residual projections, with the looped depth
+    n_layer * n_loops: std 0.02 / sqrt(2 * 4 * 6) for a 4-layer block looped 6 times."""
+    cfg = LoopedGPTConfig(vocab_size=64, block_size=16, n_layer=4, n_head=4, n_embd=256,
+                          n_loops=6)
+    torch.manual_seed(0)
+    model = LoopedGPT(cfg)
+    for name, p in model.named_parameters():
+        if name.endswith("c_proj.weight"):
+            assert p.std().item() == pytest.approx(0.02 / (2 * 4 * 6) ** 0.5, rel=0.02), name
+        elif name.endswith("c_fc.weight") or name.endswith("c_attn.weight"):
+            assert p.std().item() == pytest.approx(0.02, rel=0.02), name

@@ -25,7 +25,8 @@ def bad_values(default, accepts, name=None, script=None):
     """(value, how) pairs the option must refuse: out of range, wrong type, NaN/inf."""
     values = []
     if not isinstance(default, bool):
-        values = [(v, "range") for v in (script == "train" and MODEL_BAD.get(name)) or accepts.refused]
+        refused = (script == "train" and MODEL_BAD.get(name)) or accepts.refused
+        values = [(v, "range") for v in refused]
     values += [(v, "type") for v in WRONG_TYPE[type(default)]]
     if isinstance(default, float):
         values += [("nan", "nan"), ("inf", "inf"), ("-inf", "inf")]

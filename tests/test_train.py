@@ -218,3 +218,16 @@ def test_gradient_accumulation_equals_one_batch_of_all_micro_batches(data_dir, t
     trained = torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"]
     for name, w in model.state_dict().items():
         torch.testing.assert_close(trained[name], w, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_batches_are_next_token_pairs_from_the_data():
+    """x is a window of the data and y the same window one token later, for every row."""
+    from rundir import get_batch
+    data = np.arange(1000, dtype=np.uint16) * 7 % 1000  # no token repeats within a window
+    x, y = get_batch(data, 6, 16, seed=3)
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        start = int(np.flatnonzero(data == row_x[0])[0])
+        assert row_x == data[start:start + 16].tolist()
+        assert row_y == data[start + 1:start + 17].tolist()
+    x2, _ = get_batch(data, 6, 16, seed=3)
+    assert torch.equal(x, x2) and not torch.equal(x, get_batch(data, 6, 16, seed=4)[0])
