@@ -230,11 +230,12 @@ def test_norm_spread_quantiles_are_ordered(tiny_runs, data_dir):
 
 
 def test_eval_cli_each_diagnostic(tiny_runs, data_dir):
+    """Each diagnostic alone adds its key to eval.json (in-process; the CLI as a user runs it
+    is tested in test_faults.py)."""
     out = tiny_runs["scale_visible"]
     for name in ("lemma1", "decomposition", "clamp", "scale", "spread"):
-        p = run("eval.py", f"--out_dir={out}", f"--data_dir={data_dir}", "--eval_iters=1",
-                f"--run={name}")
-        assert p.returncode == 0, p.stderr
+        eval_script.main([f"--out_dir={out}", f"--data_dir={data_dir}", "--eval_iters=1",
+                          f"--run={name}"])
     ev = json.load(open(os.path.join(out, "eval.json")))
     assert {"lemma1", "decomposition", "clamp", "scale", "spread"} <= ev.keys()
 
