@@ -72,6 +72,11 @@ def _names(table):
     return " | ".join(table)
 
 
+def _described(table):
+    """Each entry of a table in words, for --help."""
+    return "; ".join(f"{name}: {entry.about}" for name, entry in table.items())
+
+
 @dataclass
 class LoopedGPTConfig:
     # The defaults are the paper's 44M model (config/ holds the presets).
@@ -85,12 +90,12 @@ class LoopedGPTConfig:
                        "an integer >= 1", _positive_int)
     n_loops: int = knob(4, "K: how many times the block is applied", "an integer >= 1",
                         _positive_int)
-    readout: str = knob("rmsnorm", "how h_k is decoded (rmsnorm: the blind spot)",
+    readout: str = knob("rmsnorm", "how h_k is decoded. " + _described(READOUTS),
                         _names(READOUTS), lambda v: v in READOUTS)
     loop_norm: bool = knob(False, "RMSNorm the state between loops (scale-removing recurrence)",
                            "True | False", lambda v: isinstance(v, bool))
-    supervision: str = knob("per_loop", "which exits the loss trains: per_loop (dense: the mean "
-                            "of the K CEs) or terminal (the last)", _names(SUPERVISIONS),
+    supervision: str = knob("per_loop", "which exits the loss trains. " +
+                            _described(SUPERVISIONS), _names(SUPERVISIONS),
                             lambda v: v in SUPERVISIONS)
     norm_penalty: float = knob(0.0, "lambda: adds lambda * mean_k mean(h_k^2) to the loss "
                                "(paper: 0.01)", "a finite number >= 0",
