@@ -5,7 +5,8 @@
 # at the same lr. eval.py --run=all on each (per-depth PPL, halting, depth map, logit lens,
 # diagnostics), then the figure, the depth map, the table and the claims table. Two runs at a
 # time, one thread each: about 11 minutes on 2 cores.
-#   bash reproduce.sh [out_folder] [extra train.py flags...]     (default folder: out/repro)
+#   bash reproduce.sh [out_folder] [extra train.py flags...]     (default folder: out/repro;
+#   each run replaces the one of the same name there)
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${1:-out/repro}; shift || true
@@ -16,7 +17,8 @@ start=$(date +%s)
 
 one() {  # one condition: train, then evaluate; output in $OUT/<name>.txt
   local name=$1; shift
-  if ! { OMP_NUM_THREADS=1 python train.py config/cpu.py --max_iters="$ITERS" --eval_interval=50 \
+  if ! { OMP_NUM_THREADS=1 python train.py config/cpu.py --overwrite=True --max_iters="$ITERS" \
+           --eval_interval=50 \
            --out_dir="$OUT/$name" "$@" \
          && OMP_NUM_THREADS=1 python eval.py --run=all --out_dir="$OUT/$name"; } \
        > "$OUT/$name.txt" 2>&1; then
