@@ -324,11 +324,12 @@ def main(argv=None):
             # from: that one is logged already.
             due = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters
             due = due and iter_num != resumed_at
-            rngs = [rng_state(cfg.device)]
-            if due and ddp:  # every process's RNG state, so that a resume continues each one
-                import torch.distributed as dist
-                rngs = [None] * world
-                dist.all_gather_object(rngs, rng_state(cfg.device))
+            if due:  # every process's RNG state, so that a resume continues each one
+                rngs = [rng_state(cfg.device)]
+                if ddp:
+                    import torch.distributed as dist
+                    rngs = [None] * world
+                    dist.all_gather_object(rngs, rng_state(cfg.device))
             if master and due:
                 ev = {k: v.tolist() for k, v in evaluate(raw_model, batch, cfg.eval_iters,
                                                           cfg.dtype).items()}
