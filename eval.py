@@ -16,6 +16,10 @@ Evaluate a trained looped model on validation data, and write out_dir/eval.json.
 - a depth map: the exit loop of each token of a held-out passage under calibrated halting.
 - the paper's diagnostics: Lemma 1 on this checkpoint, Lemma 2's decomposition, the radial
   clamp, scale sensitivity, the spread of per-token norms.
+- speed (--run=speed, after depth; not part of all, so that it can be timed on a quiet
+  machine): what calibrated halting saves in wall-clock time. Tokens per second of generation
+  with the KV cache at batch 1 and 8, running all K loops against exiting at the threshold that
+  depth calibrated, beside the held-out PPL of each.
 Exits are simulated on full sequences: every position runs all loops (so later tokens attend to
 deeper states of earlier ones) and each token's prediction is read at its own exit loop.
 
@@ -28,20 +32,23 @@ read only there.
 import json
 import math
 import os
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from configurator import DEVICE, NONEMPTY, at_least, check, device_or_exit, error, one_of, parse
-from device import autocast, keep_freed_memory, pick_dtype
+from device import autocast, keep_freed_memory, pick_dtype, synchronize
 from model import EXIT_POLICIES, READOUTS, exit_score, exits, strict_to_loose
 from prepare import load_tokenizer
 from rundir import atomic_write_text, die, eval_seed, get_batch, load_checkpoint, load_data
 from rundir import model_from_checkpoint, writable_folder
 
 DIAGNOSTICS = ("lemma1", "decomposition", "clamp", "scale", "spread")
-RUNS = ("depth", "lens") + DIAGNOSTICS + ("all",)
+RUNS = ("depth", "lens") + DIAGNOSTICS + ("all", "speed")
+SPEED_BATCHES = (1, 8)
 EXIT_UNITS = ("token", "sequence")
 OPTIONS = {
     "out_dir": ("out", "folder holding ckpt.pt; eval.json is written there", NONEMPTY),
@@ -60,13 +67,19 @@ OPTIONS = {
               check("non-empty text", lambda v: v != "", [""])),
     "device": ("auto", "auto: cuda, then mps, then cpu", DEVICE),
     "run": ("depth", "what to evaluate: depth (per-depth PPL, halting, depth map), lens, "
-                     "one diagnostic, or all", one_of(*RUNS)),
+                     "one diagnostic, all of these, or speed (after depth: generation tokens/s "
+                     "at full depth and under calibrated halting)", one_of(*RUNS)),
+    "new_tokens": (200, "speed: tokens generated per timed generation", at_least(1)),
+    "rounds": (3, "speed: timed generations of each kind (the median is reported)", at_least(1)),
 }
 
 
 def together(cfg, explicit):
     if "start" in explicit and cfg.run not in ("lens", "all"):
         return "--start is the prompt of --run=lens (or all); add --run=lens"
+    for name in ("new_tokens", "rounds"):
+        if name in explicit and cfg.run != "speed":
+            return f"--{name} is an option of --run=speed; add --run=speed"
     return None
 
 
@@ -403,6 +416,63 @@ def spread(model, batches, states=None, dtype="float32", bins=40):
             "hist_edges": edges.tolist(), "hist_counts": torch.histogram(last, edges).hist.tolist()}
 
 
+# ---- early exit in wall-clock time -----------------------------------------------------------
+
+@torch.no_grad()
+def speed(model, data, halt, cfg, dtype="float32"):
+    """Generation tokens/s with the KV cache, at batch 1 and 8: all K loops ("full") against
+    exiting at the calibrated threshold of `halt` (eval.json's halting entry for cfg.policy per
+    token; "exit"). Prompts are 32 tokens of `data` (held-out text); both kinds sample with the
+    same seeds. The rounds alternate full and exit, after one untimed warm-up of each, and the
+    median time is reported, with the mean loops the generated tokens used."""
+    from sample import generate
+    device = model.lm_head.weight.device
+    t = halt["threshold"]
+    kinds = {"full": {}}
+    if t is not None:  # None: no threshold met the target; halting runs all K loops
+        kinds["exit"] = {"exit_policy": cfg.policy, "exit_threshold": t}
+    out = {"policy": cfg.policy, "threshold": t, "new_tokens": cfg.new_tokens,
+           "ppl": {"full": halt["ppl"] / halt["ratio"], "exit": halt["ppl"]}, "batch": {}}
+    for b in SPEED_BATCHES:
+        stride = max(1, (len(data) - 33) // b)
+        prompts = torch.stack([torch.from_numpy(data[i * stride:i * stride + 32].astype("int64"))
+                               for i in range(b)])
+        times = {kind: [] for kind in kinds}
+        loops = {}
+        for r in tqdm(range(cfg.rounds + 1), desc=f"speed, batch {b}", leave=False):
+            for kind, how in kinds.items():
+                torch.manual_seed(r)
+                n = cfg.new_tokens if r else min(cfg.new_tokens, 8)  # round 0 warms up
+                synchronize(device)
+                start = time.perf_counter()
+                with amp(model, dtype):
+                    _, used = generate(model, prompts, n, **how)
+                synchronize(device)
+                if r:
+                    times[kind].append(time.perf_counter() - start)
+                    loops[kind] = used.float().mean().item()
+        out["batch"][str(b)] = {kind: {"tokens_per_s": b * cfg.new_tokens / statistics.median(ts),
+                                       "mean_loops": loops[kind]}
+                                for kind, ts in times.items()}
+    if "exit" not in kinds:  # the exit kind is the full one
+        out["ppl"]["exit"] = out["ppl"]["full"]
+        for b in out["batch"].values():
+            b["exit"] = b["full"]
+    return out
+
+
+def print_speed(s, K):
+    t = "none" if s["threshold"] is None else f"{s['threshold']:.4g}"
+    print(f"generation with the KV cache, {s['new_tokens']} tokens: all {K} loops vs "
+          f"{s['policy']} {EXIT_POLICIES[s['policy']]} {t} (calibrated)")
+    print(f"{'batch':>5} {'full tok/s':>11} {'exit tok/s':>11} {'speed-up':>9} "
+          f"{'loops used':>11}   held-out PPL {s['ppl']['full']:.3f} -> {s['ppl']['exit']:.3f}")
+    for b, r in s["batch"].items():
+        up = r["exit"]["tokens_per_s"] / r["full"]["tokens_per_s"]
+        print(f"{b:>5} {r['full']['tokens_per_s']:>11.1f} {r['exit']['tokens_per_s']:>11.1f} "
+              f"{up:>8.2f}x {r['exit']['mean_loops']:>7.2f}/{K}")
+
+
 def print_depth(out, K):
     print("exit depth k : " + " ".join(f"{k:>6}" for k in out["per_depth"]["k"]))
     print("val PPL      : " + " ".join(f"{p:6.3f}" for p in out["per_depth"]["ppl"]))
@@ -501,7 +571,7 @@ def main(argv=None):
 
     bsz = cfg.batch_size or run["batch_size"]
     batches = [get_batch(data["val"], bsz, run["block_size"], eval_seed(i, "val"), device)
-               for i in range(cfg.eval_iters)]
+               for i in range(cfg.eval_iters if cfg.run != "speed" else 0)]
     # loops 1..K of the batches, computed once for the diagnostics and the per-depth pass
     shared = all_states(model, batches, dtype) if cfg.run in DIAGNOSTICS + ("all",) else None
     if cfg.run in ("depth", "all"):
@@ -516,6 +586,14 @@ def main(argv=None):
         if cfg.run in (name, "all"):
             out[name] = globals()[name](model, batches, shared, dtype)
             save()
+    if cfg.run == "speed":
+        if "halting" not in out:
+            die(f"{path} has no calibrated halting yet; run eval.py --run=depth (or all) on "
+                f"{cfg.out_dir} first")
+        held_data = data["val"][len(data["val"]) // 2:]  # split_batches' held-out half
+        out["speed"] = speed(model, held_data, out["halting"]["token"][cfg.policy], cfg, dtype)
+        save()
+        print_speed(out["speed"], K)
     if cfg.run in ("depth", "all"):
         print_depth(out, K)
     if cfg.run in ("lens", "all"):

@@ -19,6 +19,7 @@ out_dir/claims.json. A claim that did not hold is reported, never hidden.
 import json
 import math
 import os
+import re
 import shlex
 
 import torch
@@ -137,17 +138,18 @@ def table1(cfg):
     return rows
 
 
-# ---- the paper's claims, judged on the figures of one reproduce.sh run -----------------------
+# ---- the paper's claims, judged on reproduce.sh's runs, seed by seed --------------------------
 
-def run_figures(folder):
-    """What the claims need from one run: its condition, ||h_k|| per loop, PPL per exit depth
-    and Lemma 1's cosines."""
+def run_figures(folder, replicate="."):
+    """What the claims and tables need from one run: its name and condition, ||h_k|| per loop,
+    PPL per exit depth, Lemma 1's cosines, halting and generation speed. `replicate`: the seed
+    folder it sits in (reproduce.sh's out/repro/seed<n>), "." for a run at the top."""
     log, ev = load_run(folder)
-    config = log[-1]["config"]
-    return {"run": os.path.basename(folder.rstrip("/")), "config": config,
-            "hidden_norm": log[-1]["hidden_norm"],
+    ev = ev or {}
+    return {"run": os.path.basename(folder.rstrip("/")), "replicate": replicate,
+            "config": log[-1]["config"], "hidden_norm": log[-1]["hidden_norm"],
             "ppl": ev["per_depth"]["ppl"][:ev["n_loops"]] if ev else None,
-            "lemma1": ev.get("lemma1") if ev else None}
+            "halting": ev.get("halting"), "lemma1": ev.get("lemma1"), "speed": ev.get("speed")}
 
 
 def is_baseline(config):
@@ -166,64 +168,222 @@ def baseline_for(run, runs):
     return None
 
 
+# Each claim: what it says, and how one of its figures is written (label, value).
+CLAIMS = [
+    ("rmsnorm's ||h_K|| >= 10x every scale-controlled run's", "{} x{:.1f}"),
+    ("scale_visible and penalty runs have lower PPL than rmsnorm at every exit depth 2..K",
+     "{}: smallest PPL gain {:.3f}"),
+    ("Lemma 1: |cos(dCE/dh_K, h_K)| < 1e-6 per token for rmsnorm (float64), clearly non-zero "
+     "(mean > 1e-3) for scale_visible", "{}: {:.2g}"),
+    ("loop norm keeps ||h_k|| flat across loops (max/min <= 1.5)", "{}: max/min {:.2f}"),
+]
+RULE = "held: held in every seed"
+
+
 def judge(runs):
-    """The claims table: for each claim, the figures measured and whether it held."""
+    """The claims on the runs of one seed: for each, its figures {label: value} and whether it
+    held. A claim without the runs it needs did not hold (reported, not hidden)."""
     controlled = [r for r in runs if not is_baseline(r["config"])]
-    claims = []
+    values = [{}, {}, {}, {}]
+    held = [False] * 4
 
     # (1) the blind spot: the rmsnorm final norm is >= 10x every scale-controlled run's
-    ratios = {}
     for r in controlled:
         base = baseline_for(r, runs)
         if base:
-            ratios[r["run"]] = base["hidden_norm"][-1] / r["hidden_norm"][-1]
-    claims.append({"claim": "rmsnorm's ||h_K|| >= 10x every scale-controlled run's",
-                   "figure": ", ".join(f"{k} x{v:.1f}" for k, v in ratios.items()) or "no pairs",
-                   "held": bool(ratios) and min(ratios.values()) >= 10})
+            values[0][r["run"]] = base["hidden_norm"][-1] / r["hidden_norm"][-1]
+    held[0] = bool(values[0]) and min(values[0].values()) >= 10
 
     # (2) scale-visible readout and norm penalty beat rmsnorm at every exit depth 2..K
-    gaps = {}
     for r in controlled:
         base = baseline_for(r, runs)
         fix = r["config"]["readout"] == "scale_visible" or r["config"]["norm_penalty"] > 0
         if fix and base and r["ppl"] and base["ppl"] and not r["config"]["loop_norm"]:
-            gaps[r["run"]] = [b - p for p, b in zip(r["ppl"][1:], base["ppl"][1:])]
-    worst = {k: min(v) for k, v in gaps.items()}
-    claims.append({"claim": "scale_visible and penalty runs have lower PPL than rmsnorm at "
-                            "every exit depth 2..K",
-                   "figure": ", ".join(f"{k}: smallest PPL gain {v:.3f}"
-                                       for k, v in worst.items()) or "no pairs",
-                   "held": bool(worst) and min(worst.values()) > 0})
+            values[1][r["run"]] = min(b - p for p, b in zip(r["ppl"][1:], base["ppl"][1:]))
+    held[1] = bool(values[1]) and min(values[1].values()) > 0
 
     # (3) Lemma 1 on the trained checkpoints
-    lem = {r["run"]: r["lemma1"] for r in runs if r["lemma1"]}
-    base = [k for k in lem if is_baseline(next(r for r in runs if r["run"] == k)["config"])]
-    visible = [r["run"] for r in runs if r["run"] in lem and
-               r["config"]["readout"] == "scale_visible"]
-    held = bool(base) and bool(visible)
-    held = held and all(lem[k]["max_abs_cos"] < 1e-6 for k in base)
-    held = held and all(lem[k]["mean_abs_cos"] > 1e-3 for k in visible)
-    figure = [f"{k}: max |cos| {lem[k]['max_abs_cos']:.2g}" for k in base]
-    figure += [f"{k}: mean |cos| {lem[k]['mean_abs_cos']:.2g}" for k in visible]
-    claims.append({"claim": "Lemma 1: |cos(dCE/dh_K, h_K)| < 1e-6 per token for rmsnorm "
-                            "(float64), clearly non-zero (mean > 1e-3) for scale_visible",
-                   "figure": ", ".join(figure) or "no eval.json with lemma1", "held": held})
+    base = [r for r in runs if r["lemma1"] and is_baseline(r["config"])]
+    visible = [r for r in runs if r["lemma1"] and r["config"]["readout"] == "scale_visible"]
+    values[2] = {f"{r['run']} max |cos|": r["lemma1"]["max_abs_cos"] for r in base}
+    values[2] |= {f"{r['run']} mean |cos|": r["lemma1"]["mean_abs_cos"] for r in visible}
+    held[2] = (bool(base) and bool(visible)
+               and all(r["lemma1"]["max_abs_cos"] < 1e-6 for r in base)
+               and all(r["lemma1"]["mean_abs_cos"] > 1e-3 for r in visible))
 
     # (4) loop norm keeps ||h_k|| flat across loops
-    flat = {r["run"]: max(r["hidden_norm"]) / min(r["hidden_norm"])
-            for r in runs if r["config"]["loop_norm"]}
-    claims.append({"claim": "loop norm keeps ||h_k|| flat across loops (max/min <= 1.5)",
-                   "figure": ", ".join(f"{k}: max/min {v:.2f}" for k, v in flat.items())
-                   or "no loop-norm run",
-                   "held": bool(flat) and max(flat.values()) <= 1.5})
+    values[3] = {r["run"]: max(r["hidden_norm"]) / min(r["hidden_norm"])
+                 for r in runs if r["config"]["loop_norm"]}
+    held[3] = bool(values[3]) and max(values[3].values()) <= 1.5
+
+    return [{"claim": text, "figure": figure(fmt, v) or "no runs to judge it on", "values": v,
+             "held": h} for (text, fmt), v, h in zip(CLAIMS, values, held)]
+
+
+def figure(fmt, values):
+    return ", ".join(fmt.format(k, v) for k, v in sorted(values.items()))
+
+
+def replicates(runs):
+    """{replicate: its runs}, in the order of the seed folders."""
+    out = {}
+    for r in runs:
+        out.setdefault(r["replicate"], []).append(r)
+    return dict(sorted(out.items(), key=lambda kv: natural(kv[0])))
+
+
+def natural(name):
+    """seed2 before seed10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def judge_seeds(runs):
+    """Each claim judged in every seed on its own; held when it held in every seed. The figure
+    is each label's mean (and spread, with several seeds) over the seeds."""
+    per_seed = {rep: judge(rs) for rep, rs in replicates(runs).items()}
+    claims = []
+    for i, (text, fmt) in enumerate(CLAIMS):
+        seeds = {rep: c[i] for rep, c in per_seed.items()}
+        labels = sorted({k for c in seeds.values() for k in c["values"]})
+        stats = {k: spread([c["values"][k] for c in seeds.values() if k in c["values"]])
+                 for k in labels}
+        n_held = sum(c["held"] for c in seeds.values())
+        summary = ", ".join(fmt.format(k, stats[k]["mean"]) + spread_text(stats[k])
+                            for k in labels)
+        claims.append({"claim": text, "held": n_held == len(seeds) and bool(seeds),
+                       "held_in": f"{n_held}/{len(seeds)}", "figure": summary or
+                       "no runs to judge it on", "figures": stats,
+                       "per_seed": {rep: {"held": c["held"], "figure": c["figure"],
+                                          "values": c["values"]} for rep, c in seeds.items()}})
     return claims
 
 
+def spread(values):
+    """mean, sample standard deviation (0 for one value), min, max and n of `values`."""
+    t = torch.tensor(values, dtype=torch.float64)
+    return {"mean": t.mean().item(), "std": t.std().item() if len(values) > 1 else 0.0,
+            "min": t.min().item(), "max": t.max().item(), "n": len(values)}
+
+
+def spread_text(s, digits=3):
+    return f" +- {s['std']:.{digits}g} (n={s['n']})" if s["n"] > 1 else ""
+
+
 def print_claims(claims):
-    print(f"{'#':<2} {'held':<5} claim / figure measured")
+    print(f"{'#':<2} {'held':<5} {'seeds':<6} claim / figure measured (mean +- std over seeds)")
     for i, c in enumerate(claims, 1):
-        print(f"{i:<2} {'yes' if c['held'] else 'NO':<5} {c['claim']}")
-        print(f"{'':<8} {c['figure']}")
+        print(f"{i:<2} {'yes' if c['held'] else 'NO':<5} {c['held_in']:<6} {c['claim']}")
+        print(f"{'':<15} {c['figure']}")
+        if len(c["per_seed"]) > 1:
+            for rep, s in c["per_seed"].items():
+                print(f"{'':<15} {rep}: {'held' if s['held'] else 'NOT held'}: {s['figure']}")
+
+
+# ---- the tables over seeds: norms, PPL per depth, halting, generation speed ---------------------
+
+def pm(s, fmt="{:.3f}"):
+    """'mean+-std' of a spread, or the mean alone for one seed."""
+    text = fmt.format(s["mean"])
+    return text + "+-" + fmt.format(s["std"]) if s["n"] > 1 else text
+
+
+def conditions(runs, policy="logit_margin"):
+    """One row per run name (condition), each figure as its spread over the seeds."""
+    names = []
+    for r in runs:
+        if r["run"] not in names:
+            names.append(r["run"])
+    rows = []
+    for name in names:
+        rs = [r for r in runs if r["run"] == name and r["ppl"]]
+        if not rs:
+            continue
+        K = len(rs[0]["ppl"])
+        row = {"run": name, "condition": condition(rs[0]["config"]), "seeds": len(rs),
+               "hidden_norm_K": spread([r["hidden_norm"][-1] for r in rs]),
+               "ppl_per_depth": [spread([r["ppl"][k] for r in rs]) for k in range(K)],
+               "halting": {unit: {p: {"mean_loops": spread([r["halting"][unit][p]["mean_loops"]
+                                                              for r in rs]),
+                                      "ratio": spread([r["halting"][unit][p]["ratio"]
+                                                       for r in rs])}
+                                  for p in rs[0]["halting"][unit]}
+                           for unit in rs[0]["halting"]}}
+        row["ppl"] = row["ppl_per_depth"][-1]
+        row["mean_loops"] = row["halting"]["token"][policy]["mean_loops"]
+        fast = [r["speed"] for r in rs if r["speed"]]
+        if fast:
+            row["speed"] = speed_row(fast)
+        rows.append(row)
+    return rows
+
+
+def speed_row(speeds):
+    """Generation tok/s at full depth and at the calibrated threshold, per batch size, and the
+    held-out PPL of each, as spreads over seeds."""
+    out = {"policy": speeds[0]["policy"], "new_tokens": speeds[0]["new_tokens"],
+           "ppl": {kind: spread([s["ppl"][kind] for s in speeds]) for kind in ("full", "exit")},
+           "batch": {}}
+    for b in speeds[0]["batch"]:
+        runs = [s["batch"][b] for s in speeds]
+        out["batch"][b] = {f"{kind}_{what}": spread([r[kind][what] for r in runs])
+                           for kind in ("full", "exit") for what in ("tokens_per_s", "mean_loops")}
+        out["batch"][b]["speed_up"] = spread([r["exit"]["tokens_per_s"] / r["full"]["tokens_per_s"]
+                                              for r in runs])
+    return out
+
+
+def print_conditions(rows, policy="logit_margin"):
+    if not rows:
+        return
+    n = max(r["seeds"] for r in rows)
+    over = f"mean+-std over {n} seeds" if n > 1 else "one seed"
+    print(f"\nper run ({over}; mean loops: calibrated halting, {policy} per token)")
+    print(f"{'run':<18} {'condition':<42} {'||h_K||':>15} {'PPL':>13} {'mean loops':>11}")
+    for r in rows:
+        print(f"{r['run']:<18} {r['condition']:<42} {pm(r['hidden_norm_K'], '{:.4g}'):>15} "
+              f"{pm(r['ppl']):>13} {pm(r['mean_loops'], '{:.2f}'):>11}")
+    print("\nPPL at exit depth k = 1..K")
+    for r in rows:
+        print(f"{r['run']:<18} " + " ".join(f"{pm(s):>13}" for s in r["ppl_per_depth"]))
+    print("\ncalibrated halting: mean loops, held-out PPL / full-depth PPL (its mean)")
+    units = list(rows[0]["halting"])
+    policies = list(rows[0]["halting"][units[0]])
+    print(f"{'run':<18} " + " | ".join(" ".join(f"{p + ' ' + u:<22}" for p in policies)
+                                        for u in units))
+
+    def cell(h):
+        return f"{pm(h['mean_loops'], '{:.2f}')} x{h['ratio']['mean']:.4f}"
+    for r in rows:
+        cells = [" ".join(f"{cell(h):<22}" for h in r["halting"][u].values()) for u in units]
+        print(f"{r['run']:<18} " + " | ".join(cells))
+    fast = [r for r in rows if "speed" in r]
+    if fast:
+        s = fast[0]["speed"]
+        print(f"\nearly exit in wall-clock time: generation with the KV cache, {s['new_tokens']} "
+              f"tokens, all K loops vs calibrated halting ({s['policy']} per token)")
+        print(f"{'run':<18} {'batch':>5} {'full tok/s':>13} {'exit tok/s':>13} {'speed-up':>13} "
+              f"{'loops used':>11} {'PPL full':>13} {'PPL exit':>13}")
+        for r in fast:
+            for b, x in r["speed"]["batch"].items():
+                print(f"{r['run']:<18} {b:>5} {pm(x['full_tokens_per_s'], '{:.0f}'):>13} "
+                      f"{pm(x['exit_tokens_per_s'], '{:.0f}'):>13} "
+                      f"{pm(x['speed_up'], '{:.2f}') + 'x':>13} "
+                      f"{pm(x['exit_mean_loops'], '{:.2f}'):>11} "
+                      f"{pm(r['speed']['ppl']['full']):>13} {pm(r['speed']['ppl']['exit']):>13}")
+
+
+def run_folders(out_dir):
+    """(folder, replicate) of every run under out_dir: its run folders, and those of its seed
+    folders (reproduce.sh's out/repro/seed<n>/<run>)."""
+    found = []
+    for d in sorted(os.listdir(out_dir), key=natural):
+        path = os.path.join(out_dir, d)
+        if os.path.isfile(os.path.join(path, "log.jsonl")):
+            found.append((path, "."))
+        elif os.path.isdir(path):
+            found += [(os.path.join(path, r), d) for r in sorted(os.listdir(path))
+                      if os.path.isfile(os.path.join(path, r, "log.jsonl"))]
+    return found
 
 
 def main(argv=None):
@@ -237,14 +397,16 @@ def main(argv=None):
     if not os.path.isdir(cfg.out_dir):
         raise SystemExit(f"error: --out_dir={cfg.out_dir!r} is not a folder; run "
                          f"bash reproduce.sh first")
-    folders = sorted(os.path.join(cfg.out_dir, d) for d in os.listdir(cfg.out_dir)
-                     if os.path.isfile(os.path.join(cfg.out_dir, d, "log.jsonl")))
+    folders = run_folders(cfg.out_dir)
     if not folders:
         raise SystemExit(f"error: no run folders (with log.jsonl) under {cfg.out_dir}")
-    claims = judge([run_figures(f) for f in folders])
+    runs = [run_figures(f, rep) for f, rep in folders]
+    claims = judge_seeds(runs)
     print_claims(claims)
+    rows = conditions(runs)
+    print_conditions(rows)
     path = os.path.join(cfg.out_dir, "claims.json")
-    atomic_write_text(path, json.dumps(claims, indent=1))
+    atomic_write_text(path, json.dumps({"rule": RULE, "claims": claims, "runs": rows}, indent=1))
     print(f"wrote {path}")
     return claims
 

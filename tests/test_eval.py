@@ -508,3 +508,67 @@ def test_eval_all_end_to_end_values(tiny_runs, data_dir, tmp_path):
     assert out["scale"] == scale(model, batches)
     assert out["spread"]["per_loop"] == spread(model, batches)["per_loop"]
     assert out["lemma1"]["max_abs_cos"] == pytest.approx(lemma1(model, batches)["max_abs_cos"])
+
+
+# ---- early exit in wall-clock time (--run=speed) ----------------------------------------------
+
+def test_speed_reports_the_median_of_the_timed_rounds(tiny_runs, monkeypatch):
+    """A fake generator whose calls take known times: tokens/s is batch x new tokens over the
+    median timed round; warm-ups are not timed; the exit kind runs at the calibrated threshold."""
+    import sample
+    model, _ = load_model(tiny_runs["rmsnorm"])
+    K = model.config.n_loops
+    clock = [0.0]
+    calls = {"full": 0, "exit": 0}
+    factors = [7.0, 1.0, 4.0, 1.2]  # per kind: the warm-up, then three timed rounds
+
+    def fake_generate(model, idx, n, exit_policy=None, exit_threshold=None):
+        kind = "exit" if exit_policy else "full"
+        assert exit_policy in (None, "logit_margin") and exit_threshold in (None, 2.5)
+        clock[0] += n * (0.001 if exit_policy else 0.003) * factors[calls[kind] % 4]
+        calls[kind] += 1
+        used = torch.full((idx.size(0), n), 1 if exit_policy else K)
+        return idx, used
+    monkeypatch.setattr(sample, "generate", fake_generate)
+    monkeypatch.setattr(eval_script.time, "perf_counter", lambda: clock[0])
+    cfg = SimpleNamespace(policy="logit_margin", new_tokens=20, rounds=3)
+    halt = {"threshold": 2.5, "mean_loops": 1.5, "ppl": 10.1, "ratio": 1.01}
+    data = torch.arange(500).numpy()
+    out = eval_script.speed(model, data, halt, cfg)
+    for b in ("1", "8"):
+        assert out["batch"][b]["full"]["tokens_per_s"] == pytest.approx(int(b) / (0.003 * 1.2))
+        assert out["batch"][b]["exit"]["tokens_per_s"] == pytest.approx(int(b) / (0.001 * 1.2))
+        assert out["batch"][b]["full"]["mean_loops"] == K
+        assert out["batch"][b]["exit"]["mean_loops"] == 1
+    assert out["ppl"] == {"full": pytest.approx(10.0), "exit": 10.1}
+    # no threshold met the target: halting runs all K loops, so "exit" is the full kind
+    calls["full"] = 0
+    out = eval_script.speed(model, data, halt | {"threshold": None, "ratio": 1.0}, cfg)
+    assert calls["exit"] == 8 and out["batch"]["8"]["exit"] == out["batch"]["8"]["full"]
+
+
+def test_speed_cli_generates_at_the_calibrated_threshold(tiny_runs, data_dir, tmp_path):
+    out_dir = tmp_path / "run"
+    os.makedirs(out_dir)
+    shutil.copy(os.path.join(tiny_runs["scale_visible"], "ckpt.pt"), out_dir)
+    args = [f"--out_dir={out_dir}", f"--data_dir={data_dir}"]
+    p = run("eval.py", "--run=speed", *args)  # nothing calibrated yet: one line, nothing run
+    assert p.returncode == 1 and "run eval.py --run=depth" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and not (out_dir / "eval.json").exists()
+    p = run("eval.py", "--new_tokens=5", *args)
+    assert p.returncode == 2 and "--new_tokens is an option of --run=speed" in p.stderr
+    assert run("eval.py", "--eval_iters=2", *args).returncode == 0
+    # a threshold every token passes at loop 1: generation must really exit there
+    ev = json.loads((out_dir / "eval.json").read_text())
+    ev["halting"]["token"]["logit_margin"]["threshold"] = -1.0  # a margin is >= 0
+    (out_dir / "eval.json").write_text(json.dumps(ev))
+    p = run("eval.py", "--run=speed", "--new_tokens=40", "--rounds=1", *args)
+    assert p.returncode == 0, p.stderr
+    ev = json.loads((out_dir / "eval.json").read_text())
+    K = ev["n_loops"]
+    assert "per_depth" in ev and "halting" in ev  # the depth part is kept
+    for b in ("1", "8"):
+        r = ev["speed"]["batch"][b]
+        assert r["full"]["mean_loops"] == K and r["exit"]["mean_loops"] == 1.0
+        assert r["full"]["tokens_per_s"] > 0 and r["exit"]["tokens_per_s"] > 0
+    assert ev["speed"]["threshold"] == -1.0 and "speed-up" in p.stdout

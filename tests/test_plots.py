@@ -138,7 +138,8 @@ def figures(name, readout="rmsnorm", penalty=0.0, loop_norm=False, lr=6e-3, norm
             ppl=None, lemma=None):
     config = {"readout": readout, "norm_penalty": penalty, "loop_norm": loop_norm,
               "learning_rate": lr, "supervision": "per_loop", "n_loops": 3, "max_iters": 500}
-    return {"run": name, "config": config, "hidden_norm": norms, "ppl": ppl, "lemma1": lemma}
+    return {"run": name, "replicate": ".", "config": config, "hidden_norm": norms, "ppl": ppl,
+            "lemma1": lemma}
 
 
 def paper_like():
@@ -176,9 +177,10 @@ def test_claims_cli_on_tiny_runs(tiny_runs, tmp_path):
         shutil.copytree(folder, tmp_path / name)
     p = run("experiments.py", "--run=claims", f"--out_dir={tmp_path}")
     assert p.returncode == 0, p.stderr
-    claims = json.loads((tmp_path / "claims.json").read_text())
+    claims = json.loads((tmp_path / "claims.json").read_text())["claims"]
     assert len(claims) == 4 and "loop norm" in claims[3]["claim"]
     assert not claims[3]["held"]  # no loop-norm run among them: reported, not hidden
+    assert claims[3]["held_in"] == "0/1" and "no runs to judge it on" in p.stdout
 
 
 @pytest.mark.parametrize("claim,break_it", [
@@ -206,3 +208,125 @@ def test_claims_compare_each_run_with_the_rmsnorm_run_trained_like_it():
                        lemma={"max_abs_cos": 1e-12, "mean_abs_cos": 1e-13})
     terminal["config"]["supervision"] = "terminal"
     assert [c["held"] for c in judge([terminal] + runs)] == [True] * 4
+
+
+# ---- several seeds: each claim judged per seed, the tables as mean and spread -----------------
+
+def seeds_of(*changes):
+    """paper_like() runs once per seed folder; changes[i](runs) alters seed i+1's."""
+    runs = []
+    for i, change in enumerate(changes, start=1):
+        rs = paper_like()
+        change(rs)
+        for r in rs:
+            r["replicate"] = f"seed{i}"
+        runs += rs
+    return runs
+
+
+def test_a_claim_holds_only_when_it_holds_in_every_seed():
+    import numpy as np
+    from experiments import judge_seeds
+
+    def same(runs):
+        pass
+
+    def behind(runs):  # scale_visible behind rmsnorm (11.9) at depth 2
+        runs[1]["ppl"][1] = 12.0
+    claims = judge_seeds(seeds_of(same, behind, same))
+    assert [c["held_in"] for c in claims] == ["3/3", "2/3", "3/3", "3/3"]
+    assert [c["held"] for c in claims] == [True, False, True, True]
+    assert [s["held"] for s in claims[1]["per_seed"].values()] == [True, False, True]
+    assert "scale_visible: smallest PPL gain -0.100" in claims[1]["per_seed"]["seed2"]["figure"]
+    # the figure is each run's mean and sample std over the seeds
+    gains = np.array([0.4, -0.1, 0.4])  # min over depths 2..3 of rmsnorm PPL - scale_visible's
+    stats = claims[1]["figures"]["scale_visible"]
+    assert stats["mean"] == pytest.approx(gains.mean())
+    assert stats["std"] == pytest.approx(gains.std(ddof=1))
+    assert stats["n"] == 3 and stats["min"] == pytest.approx(-0.1)
+    assert f"scale_visible: smallest PPL gain {gains.mean():.3f} +- " in claims[1]["figure"]
+    # one seed: held or not, as judge says, with no spread
+    one = judge_seeds(paper_like())
+    assert [c["held_in"] for c in one] == ["1/1"] * 4 and "+-" not in one[0]["figure"]
+
+
+def test_seed_folders_are_found_and_ordered(tmp_path):
+    from experiments import run_folders
+    for d in ("seed10/a", "seed2/a", "seed2/b", "seed1/a", "flat", "seed1/not_a_run"):
+        (tmp_path / d).mkdir(parents=True)
+        if "not_a_run" not in d:
+            (tmp_path / d / "log.jsonl").write_text("")
+    found = [(os.path.relpath(f, tmp_path), rep) for f, rep in run_folders(str(tmp_path))]
+    assert found == [("flat", "."), ("seed1/a", "seed1"), ("seed2/a", "seed2"),
+                     ("seed2/b", "seed2"), ("seed10/a", "seed10")]
+
+
+def halting_of(loops, ratio):
+    one = {"threshold": 1.0, "mean_loops": loops, "ppl": 10 * ratio, "ratio": ratio}
+    return {u: {p: dict(one) for p in ("logit_margin", "max_prob", "entropy")}
+            for u in ("token", "sequence")}
+
+
+def speed_of(full, exit_, loops):
+    batch = {"full": {"tokens_per_s": full, "mean_loops": 3.0},
+             "exit": {"tokens_per_s": exit_, "mean_loops": loops}}
+    return {"policy": "logit_margin", "threshold": 1.0, "new_tokens": 200,
+            "ppl": {"full": 10.0, "exit": 10.1}, "batch": {"1": batch, "8": batch}}
+
+
+def test_tables_over_seeds_are_mean_and_sample_std():
+    import numpy as np
+    from experiments import conditions
+    runs = []
+    for seed, (norm, ppl, loops, full, exit_) in enumerate(
+            [(3000, [12.0, 11.0, 10.0], 2.0, 100.0, 150.0),
+             (2000, [12.5, 11.2, 10.6], 2.5, 110.0, 130.0)], start=1):
+        r = figures("rmsnorm", norms=[1, 2, norm], ppl=ppl)
+        r |= {"replicate": f"seed{seed}", "halting": halting_of(loops, 1.01),
+              "speed": speed_of(full, exit_, loops)}
+        runs.append(r)
+    (row,) = conditions(runs)
+    assert row["run"] == "rmsnorm" and row["seeds"] == 2
+    for got, values in ((row["hidden_norm_K"], [3000, 2000]), (row["ppl"], [10.0, 10.6]),
+                        (row["ppl_per_depth"][1], [11.0, 11.2]), (row["mean_loops"], [2.0, 2.5]),
+                        (row["speed"]["batch"]["8"]["speed_up"], [1.5, 130 / 110])):
+        assert got["mean"] == pytest.approx(np.mean(values))
+        assert got["std"] == pytest.approx(np.std(values, ddof=1))
+
+
+def test_reproduce_two_seeds_on_tiny_runs(data_dir, tmp_path):
+    """SEEDS=2 bash reproduce.sh: each seed's run in its own folder, trained with its own seed,
+    evaluated and timed; claims.json judges each seed and tabulates both."""
+    import subprocess
+    import sys
+    from conftest import ROOT, TINY
+    from rundir import load_checkpoint
+    env = os.environ | {"SEEDS": "2", "ITERS": "2", "RUNS": "rmsnorm", "PYTHON": sys.executable,
+                        "SPEED_TOKENS": "8"}
+    out = tmp_path / "repro"
+    p = subprocess.run(["bash", os.path.join(ROOT, "reproduce.sh"), str(out), *TINY,
+                        f"--data_dir={data_dir}", "--dataset=tiny_char", "--eval_interval=2"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    weights = []
+    for seed in (1, 2):
+        run_dir = out / f"seed{seed}" / "rmsnorm"
+        ckpt = load_checkpoint(str(run_dir / "ckpt.pt"))
+        assert ckpt["config"]["seed"] == seed and ckpt["iter_num"] == 2
+        ev = json.loads((run_dir / "eval.json").read_text())
+        assert {"per_depth", "lemma1", "speed"} <= ev.keys()
+        assert ev["speed"]["new_tokens"] == 8
+        weights.append(ckpt["model"]["wte.weight"])
+    assert not weights[0].equal(weights[1])  # two seeds, two different runs
+    result = json.loads((out / "claims.json").read_text())
+    assert all(set(c["per_seed"]) == {"seed1", "seed2"} for c in result["claims"])
+    assert result["claims"][2]["held_in"] == "0/2"  # no scale_visible run: Lemma 1 unjudged
+    (row,) = result["runs"]
+    assert row["run"] == "rmsnorm" and row["seeds"] == 2 and row["speed"]["batch"]["8"]
+    assert (out / "blind_spot.png").stat().st_size > 10_000 and "total wall time" in p.stdout
+    # a run name that is not one of the conditions: one line, nothing trained
+    env["RUNS"] = "rmsnorm nope"
+    p = subprocess.run(["bash", os.path.join(ROOT, "reproduce.sh"), str(tmp_path / "x")],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert p.returncode == 2 and "RUNS names nope" in p.stderr and "scale_visible" in p.stderr
+    assert not (tmp_path / "x").exists()
