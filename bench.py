@@ -102,6 +102,9 @@ OPTIONS = {
     "compile_probe": (False, "instead of timing steps: torch.compile the dense case with each "
                              "readout CE (plain, chunked) and report its graph size and "
                              "compile time", None),
+    "profile": (False, "instead of timing steps: profile --steps steps of each case after "
+                       "--warmup (torch.profiler) and print its top ops by self time per step",
+                None),
     "one_case": ("", "internal: run one case (case@vocab) and print its result as JSON",
                  check("'' or case@vocab", lambda v: v == "" or (
                      v.count("@") == 1 and v.split("@")[0] in CASES
@@ -321,11 +324,8 @@ def run_case(cfg, case, vocab, device, dtype):
     V = VOCABS[vocab]
     x = torch.randint(V, (B, cfg.block_size), device=device)
     y = torch.randint(V, (B, cfg.block_size), device=device)
-    mark = memory_mark(device)
-    times = []
-    for i in range(cfg.warmup + cfg.steps):
-        synchronize(device)  # the clock starts when earlier GPU work is done
-        t0 = time.perf_counter()
+
+    def one_step():
         with autocast(device, dtype):
             # as train.py's step: the exits the loss trains, no logits kept for the caller
             kw = {"return_logits": False} if isinstance(model, LoopedGPT) else {}
@@ -334,6 +334,15 @@ def run_case(cfg, case, vocab, device, dtype):
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
+
+    if cfg.profile:
+        return {"case": case, "vocab": vocab, "top_ops": profile_steps(cfg, one_step, device)}
+    mark = memory_mark(device)
+    times = []
+    for i in range(cfg.warmup + cfg.steps):
+        synchronize(device)  # the clock starts when earlier GPU work is done
+        t0 = time.perf_counter()
+        one_step()
         synchronize(device)  # and stops when this step's GPU work is
         if i >= cfg.warmup:
             times.append(time.perf_counter() - t0)
@@ -341,6 +350,32 @@ def run_case(cfg, case, vocab, device, dtype):
     return {"case": case, "vocab": vocab, "step_s": dt, "step_s_all": times,
             "tokens_per_sec": B * cfg.block_size / dt, "peak_mem_bytes": memory_peak(device, mark),
             "flops_per_token": model.flops_per_token()}
+
+
+def profile_steps(cfg, one_step, device, top=8):
+    """[(op, self ms per step, share of all self time, calls per step)] of the `top` ops over
+    cfg.steps steps, by self time on the device where it has one (CUDA), else on the CPU."""
+    from torch.profiler import ProfilerActivity, profile
+    kind = device.split(":")[0]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if kind == "cuda" else [])
+    for _ in range(cfg.warmup):
+        one_step()
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        for _ in range(cfg.steps):
+            one_step()
+        synchronize(device)
+    attr = "self_device_time_total" if kind == "cuda" else "self_cpu_time_total"
+    ops = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)
+    total = sum(getattr(e, attr) for e in ops) or 1
+    return [(e.key, getattr(e, attr) / 1e3 / cfg.steps, getattr(e, attr) / total,
+             e.count / cfg.steps) for e in ops[:top]]
+
+
+def print_profile(r):
+    print(f"\n{r['case']} @ {r['vocab']}: top ops by self time, per step")
+    for name, ms, share, calls in r["top_ops"]:
+        print(f"  {name[:62]:<62} {ms:9.1f} ms {share:6.1%} {calls:7g} calls")
 
 
 def run_one(cfg, case, vocab, device, dtype, argv):
@@ -589,6 +624,12 @@ def main(argv=None):
                "peak_memory": memory_how, "config": vars(cfg), "results": [], "ratios": {}}
     if kind == "cuda":
         summary["gpu"] = torch.cuda.get_device_name(device)
+    if cfg.profile:  # profiled, not timed
+        summary["profiles"] = [run_one(cfg, case, vocab, device, dtype, argv)
+                               for vocab in cfg.vocab.split(",") for case in cfg.cases.split(",")]
+        for r in summary["profiles"]:
+            print_profile(r)
+        return write_json(cfg, summary)
     for vocab in cfg.vocab.split(","):
         best = {}
         rounds = {case: [] for case in cfg.cases.split(",")}
@@ -608,6 +649,10 @@ def main(argv=None):
               f"tokens: cached {g['cached']:,.1f} tok/s, recompute {g['recompute']:,.1f} tok/s, "
               f"x{g['cached'] / g['recompute']:.1f}")
         summary["generation"] = g
+    return write_json(cfg, summary)
+
+
+def write_json(cfg, summary):
     if cfg.json:
         with open(cfg.json, "w") as f:
             json.dump(summary, f, indent=1)

@@ -11,8 +11,12 @@ model), plus --train_args. Finished runs are skipped and killed ones resumed; a 
 holds a run trained with other settings stops it all, in one line, before anything is trained.
 Then it prints mean +- std of ||h_K|| and final val PPL per condition -> out_dir/table1.json.
 
-claims: reads every run folder under out_dir (log.jsonl and eval.json from eval.py --run=all)
-and says, for each of the paper's claims, the figure measured and whether it held ->
+claims: reads every run folder under out_dir and its seed folders (reproduce.sh's
+out_dir/seed<n>/<run>: log.jsonl, and eval.json from eval.py --run=all and --run=speed). Each of
+the paper's claims is judged in each seed on that seed's runs; it is called held only when it
+held in every seed ("held_in": "3/3"), and its figures are given per seed and as mean +- sample
+std over the seeds. Then the tables over seeds: ||h_K||, PPL at every exit depth, calibrated
+halting, and generation speed at full depth against calibrated halting. All of it ->
 out_dir/claims.json. A claim that did not hold is reported, never hidden.
 """
 

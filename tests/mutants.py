@@ -100,6 +100,20 @@ MUTANTS = [
      "x, pos0 = idx[:, -1:], n_cached", "x, pos0 = idx[:, -1:], 0", "test_sample.py"),
     ("sample-refill-off-by-one", "sample.py",
      "n_cached = pos0 + x.size(1)", "n_cached = pos0 + x.size(1) - 1", "test_sample.py"),
+    # eval.py --run=speed, experiments.py over seeds, reproduce.sh
+    ("eval-speed-mean-not-median", "eval.py",
+     "b * cfg.new_tokens / statistics.median(ts)", "b * cfg.new_tokens / statistics.mean(ts)",
+     "test_eval.py"),
+    ("eval-speed-times-the-warm-up", "eval.py",
+     "                if r:\n                    times[kind]",
+     "                if True:\n                    times[kind]", "test_eval.py"),
+    ("experiments-held-in-any-seed", "experiments.py",
+     "\"held\": n_held == len(seeds) and bool(seeds)", "\"held\": n_held > 0",
+     "test_plots.py"),
+    ("experiments-spread-population-std", "experiments.py",
+     "\"std\": t.std().item() if", "\"std\": t.std(correction=0).item() if", "test_plots.py"),
+    ("reproduce-every-seed-the-same", "reproduce.sh",
+     "--seed=\"$seed\" $flags", "--seed=1 $flags", "test_plots.py"),
 ]
 
 

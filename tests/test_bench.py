@@ -70,6 +70,26 @@ def test_bench_runs_every_case_and_prints_ratios(tmp_path):
     assert ratios["terminal step time / flat step time, by round"] == [t["step_s"] / f["step_s"]]
 
 
+def test_bench_profile_lists_the_top_ops_of_the_step_it_runs(monkeypatch):
+    """--profile: the ops of the very step that is timed, by self time per step, largest
+    first, with their calls per step (the dense loss makes more matmuls than the terminal
+    one: ReadoutCE's for the exit of loop 1 of K=2)."""
+    mm = {}
+    for case in ("terminal", "dense"):
+        r = bench.run_case(tiny("--profile=True", "--steps=1"), case, "gpt2", "cpu", "float32")
+        ops = r["top_ops"]
+        assert len(ops) == 8 and [o[1] for o in ops] == sorted((o[1] for o in ops), reverse=True)
+        assert 0 < sum(o[2] for o in ops) <= 1 + 1e-9
+        mm[case] = {o[0]: o[3] for o in ops}["aten::mm"]
+    assert mm["dense"] > mm["terminal"]
+    monkeypatch.setattr(bench, "run_one", lambda cfg, case, vocab, *a: {
+        "case": case, "vocab": vocab, "top_ops": [("aten::mm", 2.0, 0.5, 3)]})
+    out = bench.main(["--profile=True", "--vocab=char", "--cases=dense,nanogpt"])
+    assert [(r["case"], r["vocab"]) for r in out["profiles"]] == [("dense", "char"),
+                                                                 ("nanogpt", "char")]
+    assert "results" in out and out["results"] == []  # profiled, not timed
+
+
 def test_bench_sizes_default_to_the_cpu_preset_from_any_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default preset is found next to bench.py
     assert bench.sizes(tiny()) == (2, 4, 128, 8)  # config/cpu.py
