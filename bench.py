@@ -467,6 +467,9 @@ def report(results, vocab, peak_flops, rounds=None):
 
     def ratio(name, value, target, above):
         ratios[name] = value
+        if target is None:
+            print(f"  {name:<58} x{value:.3f}")
+            return
         met = value >= target if above else value <= target
         sign = ">=" if above else "<="
         print(f"  {name:<58} x{value:.3f}  (target {sign} {target}: "
@@ -488,8 +491,10 @@ def report(results, vocab, peak_flops, rounds=None):
         ratio("dense step time / official step time", d["step_s"] / official["step_s"],
               0.75 if vocab == "gpt2" else 0.8, False)
     if measured(d) and measured(official):
+        # a target where the official way's K kept logits are the memory: a large vocabulary
         ratio("dense peak memory / official peak memory",
-              d["peak_mem_bytes"] / official["peak_mem_bytes"], 0.45, False)
+              d["peak_mem_bytes"] / official["peak_mem_bytes"],
+              0.45 if vocab == "gpt2" else None, False)
     if measured(t) and measured(d):
         ratio("dense peak memory / terminal peak memory",
               d["peak_mem_bytes"] / t["peak_mem_bytes"], 1.2, False)

@@ -155,17 +155,20 @@ def torchrun(args, nproc=2):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
 
 
-@pytest.mark.parametrize("batch,accumulation", [(4, 2), (4, 1)])
-def test_ddp_trains_the_same_model_as_one_process(batch, accumulation, data_dir, tmp_path):
+@pytest.mark.parametrize("batch,accumulation,ce", [(4, 2, "plain"), (4, 1, "plain"),
+                                                    (4, 2, "chunked")])
+def test_ddp_trains_the_same_model_as_one_process(batch, accumulation, ce, data_dir, tmp_path):
     """Two gloo processes train exactly what one process trains on the same global batch, both
-    when the micro-batches are shared out (4 x 2) and when each micro-batch is split (4 x 1)."""
+    when the micro-batches are shared out (4 x 2) and when each micro-batch is split (4 x 1),
+    with plain autograd CE and with the lean ReadoutCE (which test_train.py's accumulation test
+    checks against plain CE)."""
     from train import main
     args = [*TINY, "--device=cpu", "--max_iters=3", "--eval_interval=3", "--dropout=0.0",
             f"--batch_size={batch}", f"--gradient_accumulation_steps={accumulation}",
             f"--data_dir={data_dir}", "--dataset=tiny_char"]
-    p = torchrun([*args, f"--out_dir={tmp_path / 'ddp'}"])
+    p = torchrun([*args, f"--readout_ce={ce}", f"--out_dir={tmp_path / 'ddp'}"])
     assert p.returncode == 0, p.stderr[-2000:]
-    main([*args, f"--out_dir={tmp_path / 'one'}"])
+    main([*args, f"--readout_ce={ce}", f"--out_dir={tmp_path / 'one'}"])
     ddp = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)
     one = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)
     assert ddp["config"]["world_size"] == 2 and ddp["iter_num"] == 3

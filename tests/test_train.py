@@ -194,17 +194,20 @@ def test_learning_rate_schedule_values():
     assert get_lr(104, cfg) == pytest.approx(0.1) and get_lr(500, cfg) == pytest.approx(0.1)
 
 
-def test_gradient_accumulation_equals_one_batch_of_all_micro_batches(data_dir, tmp_path):
-    """Two steps of 2 micro-batches x 2 sequences train what plain AdamW trains on the 4
-    sequences of each step at once, the micro-batches drawn in the run's data order."""
+@pytest.mark.parametrize("ce", ["plain", "chunked"])
+def test_gradient_accumulation_equals_one_batch_of_all_micro_batches(ce, data_dir, tmp_path):
+    """Two steps of 2 micro-batches x 2 sequences train what plain AdamW with plain autograd CE
+    trains on the 4 sequences of each step at once, the micro-batches drawn in the run's data
+    order; also with the lean ReadoutCE accumulating over the micro-batches."""
     from rundir import get_batch, load_data, model_config
     from train import main, train_seed
     main(TINY + [f"--data_dir={data_dir}", "--dataset=tiny_char", f"--out_dir={tmp_path}",
                  "--batch_size=2", "--gradient_accumulation_steps=2", "--max_iters=2",
-                 "--eval_interval=2", "--grad_clip=0", "--weight_decay=0"])
+                 "--eval_interval=2", "--grad_clip=0", "--weight_decay=0", f"--readout_ce={ce}"])
     run_cfg = torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]
     torch.manual_seed(run_cfg["seed"])
-    model = LoopedGPT(model_config(run_cfg))
+    model = LoopedGPT(model_config(run_cfg | {"readout_ce": "plain"}))
+    assert not model.chunked_ce
     opt = torch.optim.AdamW(model.parameters(), lr=1.0, betas=(0.9, 0.95), weight_decay=0.0)
     data, _ = load_data(data_dir, "tiny_char", 32)
     for it in range(2):
