@@ -23,6 +23,10 @@ SEEDS=${SEEDS:-1}
 JOBS=${JOBS:-$(nproc)}
 PY=${PYTHON:-python}
 SPEED_TOKENS=${SPEED_TOKENS:-200}
+for knob in SEEDS ITERS JOBS SPEED_TOKENS; do
+  [[ ${!knob} =~ ^[1-9][0-9]*$ ]] \
+    || { echo "error: $knob=${!knob} is invalid; accepted: an integer >= 1" >&2; exit 2; }
+done
 # each condition: its run name, then its train.py flags
 CONDITIONS=(
   "rmsnorm --readout=rmsnorm"

@@ -329,4 +329,9 @@ def test_reproduce_two_seeds_on_tiny_runs(data_dir, tmp_path):
     p = subprocess.run(["bash", os.path.join(ROOT, "reproduce.sh"), str(tmp_path / "x")],
                        capture_output=True, text=True, env=env, timeout=60)
     assert p.returncode == 2 and "RUNS names nope" in p.stderr and "scale_visible" in p.stderr
+    for knob, bad in (("SEEDS", "0"), ("JOBS", "two"), ("ITERS", "-5"), ("SPEED_TOKENS", "1e3")):
+        p = subprocess.run(["bash", os.path.join(ROOT, "reproduce.sh"), str(tmp_path / "x")],
+                           env=env | {"RUNS": "rmsnorm", knob: bad}, capture_output=True,
+                           text=True, timeout=60)
+        assert p.returncode == 2 and f"{knob}={bad} is invalid" in p.stderr, (knob, p.stderr)
     assert not (tmp_path / "x").exists()
