@@ -285,10 +285,10 @@ def print_claims(claims):
 
 # ---- the tables over seeds: norms, PPL per depth, halting, generation speed ---------------------
 
-def pm(s, fmt="{:.3f}"):
+def pm(s, fmt="{:.3f}", std_fmt=None):
     """'mean+-std' of a spread, or the mean alone for one seed."""
     text = fmt.format(s["mean"])
-    return text + "+-" + fmt.format(s["std"]) if s["n"] > 1 else text
+    return text + "+-" + (std_fmt or fmt).format(s["std"]) if s["n"] > 1 else text
 
 
 def conditions(runs, policy="logit_margin"):
@@ -303,7 +303,9 @@ def conditions(runs, policy="logit_margin"):
         if not rs:
             continue
         K = len(rs[0]["ppl"])
-        row = {"run": name, "condition": condition(rs[0]["config"]), "seeds": len(rs),
+        # its condition among the runs of its seed (runs of other seeds differ in the seed)
+        mates = [r["config"] for r in runs if r["replicate"] == rs[0]["replicate"]]
+        row = {"run": name, "condition": condition(rs[0]["config"], mates), "seeds": len(rs),
                "hidden_norm_K": spread([r["hidden_norm"][-1] for r in rs]),
                "ppl_per_depth": [spread([r["ppl"][k] for r in rs]) for k in range(K)],
                "halting": {unit: {p: {"mean_loops": spread([r["halting"][unit][p]["mean_loops"]
@@ -342,34 +344,35 @@ def print_conditions(rows, policy="logit_margin"):
     n = max(r["seeds"] for r in rows)
     over = f"mean+-std over {n} seeds" if n > 1 else "one seed"
     print(f"\nper run ({over}; mean loops: calibrated halting, {policy} per token)")
-    print(f"{'run':<18} {'condition':<42} {'||h_K||':>15} {'PPL':>13} {'mean loops':>11}")
+    print(f"{'run':<22} {'condition':<52} {'||h_K||':>13} {'PPL':>13} {'mean loops':>11}")
     for r in rows:
-        print(f"{r['run']:<18} {r['condition']:<42} {pm(r['hidden_norm_K'], '{:.4g}'):>15} "
+        norm = pm(r["hidden_norm_K"], "{:.4g}", "{:.3g}")
+        print(f"{r['run']:<22} {r['condition']:<52} {norm:>13} "
               f"{pm(r['ppl']):>13} {pm(r['mean_loops'], '{:.2f}'):>11}")
     print("\nPPL at exit depth k = 1..K")
     for r in rows:
-        print(f"{r['run']:<18} " + " ".join(f"{pm(s):>13}" for s in r["ppl_per_depth"]))
+        print(f"{r['run']:<22} " + " ".join(f"{pm(s):>13}" for s in r["ppl_per_depth"]))
     print("\ncalibrated halting: mean loops, held-out PPL / full-depth PPL (its mean)")
     units = list(rows[0]["halting"])
     policies = list(rows[0]["halting"][units[0]])
-    print(f"{'run':<18} " + " | ".join(" ".join(f"{p + ' ' + u:<22}" for p in policies)
-                                        for u in units))
+    header = " | ".join(" ".join(f"{p + ' ' + u:<22}" for p in policies) for u in units)
+    print(f"{'run':<22} {header}".rstrip())
 
     def cell(h):
         return f"{pm(h['mean_loops'], '{:.2f}')} x{h['ratio']['mean']:.4f}"
     for r in rows:
         cells = [" ".join(f"{cell(h):<22}" for h in r["halting"][u].values()) for u in units]
-        print(f"{r['run']:<18} " + " | ".join(cells))
+        print(f"{r['run']:<22} " + " | ".join(cells).rstrip())
     fast = [r for r in rows if "speed" in r]
     if fast:
         s = fast[0]["speed"]
         print(f"\nearly exit in wall-clock time: generation with the KV cache, {s['new_tokens']} "
               f"tokens, all K loops vs calibrated halting ({s['policy']} per token)")
-        print(f"{'run':<18} {'batch':>5} {'full tok/s':>13} {'exit tok/s':>13} {'speed-up':>13} "
+        print(f"{'run':<22} {'batch':>5} {'full tok/s':>13} {'exit tok/s':>13} {'speed-up':>13} "
               f"{'loops used':>11} {'PPL full':>13} {'PPL exit':>13}")
         for r in fast:
             for b, x in r["speed"]["batch"].items():
-                print(f"{r['run']:<18} {b:>5} {pm(x['full_tokens_per_s'], '{:.0f}'):>13} "
+                print(f"{r['run']:<22} {b:>5} {pm(x['full_tokens_per_s'], '{:.0f}'):>13} "
                       f"{pm(x['exit_tokens_per_s'], '{:.0f}'):>13} "
                       f"{pm(x['speed_up'], '{:.2f}') + 'x':>13} "
                       f"{pm(x['exit_mean_loops'], '{:.2f}'):>11} "
