@@ -5,7 +5,7 @@
 # lr 3e-3, beside rmsnorm and scale_visible runs at the same lr. Each run is trained and
 # evaluated (eval.py --run=all: per-depth PPL, halting, depth map, logit lens, diagnostics) in
 # out/repro/seed<n>/<run>, JOBS runs at a time with one thread each. Then, one run at a time on
-# the otherwise idle machine, generation speed at full depth and under calibrated halting
+# one thread of the otherwise idle machine, generation speed at full depth and under calibrated halting
 # (eval.py --run=speed). Last: the figures and table of seed 1 (table.txt), and the claims and
 # tables over all seeds (claims.txt, claims.json).
 #   SEEDS=3 ITERS=500 JOBS=2 RUNS="rmsnorm penalty" bash reproduce.sh [out_folder] [train flags]
@@ -93,11 +93,11 @@ if (( failed )); then
   exit 1
 fi
 
-# generation speed, one run at a time: nothing else runs beside the clock
+# generation speed, one run at a time on one thread: nothing else runs beside the clock
 for seed in $(seq 1 "$SEEDS"); do
   for c in "${CONDITIONS[@]}"; do
     read -r name _ <<< "$c"
-    "$PY" eval.py --run=speed --new_tokens="$SPEED_TOKENS" --out_dir="$OUT/seed$seed/$name" \
+    OMP_NUM_THREADS=1 "$PY" eval.py --run=speed --new_tokens="$SPEED_TOKENS" --out_dir="$OUT/seed$seed/$name" \
       >> "$OUT/seed$seed/$name.txt" 2>&1 \
       || { echo "speed of $OUT/seed$seed/$name failed; see $OUT/seed$seed/$name.txt"; exit 1; }
   done

@@ -120,10 +120,12 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, n_loops=No
     return idx, torch.stack(loops_used, dim=1)
 
 
-def everyone_exited(done):
-    """Has every row exited? The one host sync of adaptive exit on a GPU, paid for by skipping
-    the deeper loops of the whole batch when it says yes."""
-    return bool(done.all())
+def who_exited(done):
+    """(has every row exited, has any), in one read from the device: the one host sync per loop
+    of adaptive exit on a GPU, paid for by skipping the deeper loops of the whole batch when
+    every row has exited, and the exited rows' cache copies while none has."""
+    every, some = torch.stack((done.all(), done.any())).tolist()
+    return every, some
 
 
 def exit_step(model, x, pos0, K, caches, policy, threshold):
@@ -134,15 +136,16 @@ def exit_step(model, x, pos0, K, caches, policy, threshold):
     chosen = None
     done = torch.zeros(x.size(0), dtype=torch.bool, device=h.device)
     used = torch.full((x.size(0),), K, dtype=torch.long, device=h.device)
+    some_exited = False  # has a row exited at an earlier loop? (True where not read back)
     for k in range(1, K + 1):
         h = model.loop(h, k, None if caches is None else caches[k])
         if policy is None:  # fixed depth: only the last loop is decoded
             if k == K:
                 chosen = model.readout(h[:, -1], k)
             continue
-        if caches is not None and k > 1:
+        if caches is not None and some_exited:
             # rows that exited: their token's K/V here are those of the loop above (and so of
-            # its exit loop). A masked copy of every row, not an if: no host sync per loop.
+            # its exit loop). A masked copy of every row, not an if per row.
             exited = done[:, None, None]  # [B, 1, 1], over heads and head dims
             for cache, above in zip(caches[k], caches[k - 1]):
                 cache.k[:, :, -1] = torch.where(exited, above.k[:, :, -1], cache.k[:, :, -1])
@@ -153,13 +156,17 @@ def exit_step(model, x, pos0, K, caches, policy, threshold):
         used = torch.where(newly, k, used)
         done = done | newly
         # Skip the deeper loops once every row has exited. A prefill cannot: its earlier
-        # positions need every loop's keys/values.
-        if k < K and (caches is None or x.size(1) == 1) and everyone_exited(done):
-            if caches is not None:  # the skipped deeper loops cache this loop's entries
-                for deeper in range(k + 1, K + 1):
-                    for cache, exit_cache in zip(caches[deeper], caches[k]):
-                        cache.extend(exit_cache.k[:, :, -1:], exit_cache.v[:, :, -1:])
-            break
+        # positions need every loop's keys/values, so it reads nothing back.
+        if k < K and (caches is None or x.size(1) == 1):
+            every, some_exited = who_exited(done)
+            if every:
+                if caches is not None:  # the skipped deeper loops cache this loop's entries
+                    for deeper in range(k + 1, K + 1):
+                        for cache, exit_cache in zip(caches[deeper], caches[k]):
+                            cache.extend(exit_cache.k[:, :, -1:], exit_cache.v[:, :, -1:])
+                break
+        else:
+            some_exited = True
     return chosen, used
 
 

@@ -100,6 +100,8 @@ MUTANTS = [
      "x, pos0 = idx[:, -1:], n_cached", "x, pos0 = idx[:, -1:], 0", "test_sample.py"),
     ("sample-refill-off-by-one", "sample.py",
      "n_cached = pos0 + x.size(1)", "n_cached = pos0 + x.size(1) - 1", "test_sample.py"),
+    ("sample-exited-rows-never-copied", "sample.py",
+     "every, some_exited = who_exited(done)", "every, _ = who_exited(done)", "test_sample.py"),
     # eval.py --run=speed, experiments.py over seeds, reproduce.sh
     ("eval-speed-mean-not-median", "eval.py",
      "b * cfg.new_tokens / statistics.median(ts)", "b * cfg.new_tokens / statistics.mean(ts)",
