@@ -5,9 +5,9 @@
 # lr 3e-3, beside rmsnorm and scale_visible runs at the same lr. Each run is trained and
 # evaluated (eval.py --run=all: per-depth PPL, halting, depth map, logit lens, diagnostics) in
 # out/repro/seed<n>/<run>, JOBS runs at a time with one thread each. Then, one run at a time on
-# one thread of the otherwise idle machine, generation speed at full depth and under calibrated halting
-# (eval.py --run=speed). Last: the figures and table of seed 1 (table.txt), and the claims and
-# tables over all seeds (claims.txt, claims.json).
+# one thread of the otherwise idle machine, generation speed at full depth and under calibrated
+# halting (eval.py --run=speed). Last: the figures and table of seed 1 (table.txt), and the
+# claims and tables over all seeds (claims.txt, claims.json).
 #   SEEDS=3 ITERS=500 JOBS=2 RUNS="rmsnorm penalty" bash reproduce.sh [out_folder] [train flags]
 # Defaults: SEEDS=1, ITERS=500, JOBS=the number of cores, RUNS=all seven, PYTHON=python,
 # SPEED_TOKENS=200 (tokens per timed generation), out_folder=out/repro. On 2 cores one seed
