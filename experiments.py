@@ -25,6 +25,7 @@ import math
 import os
 import re
 import shlex
+import textwrap
 
 import torch
 
@@ -273,14 +274,19 @@ def spread_text(s, digits=3):
     return f" +- {s['std']:.{digits}g} (n={s['n']})" if s["n"] > 1 else ""
 
 
-def print_claims(claims):
+def print_claims(claims, width=100):
     print(f"{'#':<2} {'held':<5} {'seeds':<6} claim / figure measured (mean +- std over seeds)")
+
+    def say(first, text, more=""):
+        print(textwrap.fill(text, width, initial_indent=first, subsequent_indent=" " * 16 + more,
+                            break_on_hyphens=False, break_long_words=False))
     for i, c in enumerate(claims, 1):
-        print(f"{i:<2} {'yes' if c['held'] else 'NO':<5} {c['held_in']:<6} {c['claim']}")
-        print(f"{'':<15} {c['figure']}")
+        say(f"{i:<2} {'yes' if c['held'] else 'NO':<5} {c['held_in']:<6} ", c["claim"])
+        say(" " * 16, c["figure"], "  ")
         if len(c["per_seed"]) > 1:
             for rep, s in c["per_seed"].items():
-                print(f"{'':<15} {rep}: {'held' if s['held'] else 'NOT held'}: {s['figure']}")
+                say(" " * 16, f"{rep}: {'held' if s['held'] else 'NOT held'}: {s['figure']}",
+                    "  ")
 
 
 # ---- the tables over seeds: norms, PPL per depth, halting, generation speed ---------------------
