@@ -75,9 +75,11 @@ OPTIONS = {
 }
 
 
-def _stats(values):
+def spread(values):
+    """mean, sample standard deviation (0 for one value), min, max and n of `values`."""
     t = torch.tensor(values, dtype=torch.float64)
-    return {"mean": t.mean().item(), "std": t.std().item() if len(values) > 1 else 0.0}
+    return {"mean": t.mean().item(), "std": t.std().item() if len(values) > 1 else 0.0,
+            "min": t.min().item(), "max": t.max().item(), "n": len(values)}
 
 
 def finished(out):
@@ -133,8 +135,8 @@ def table1(cfg):
             last = load_run(out)[0][-1]
             norms.append(last["hidden_norm"][-1])
             ppls.append(math.exp(last["val_loop_ce"][-1]))
-        rows.append({"condition": condition(last["config"]), "hidden_norm_K": _stats(norms),
-                     "ppl": _stats(ppls), "seeds": cfg.seeds})
+        rows.append({"condition": condition(last["config"]), "hidden_norm_K": spread(norms),
+                     "ppl": spread(ppls), "seeds": cfg.seeds})
     print(f"{'condition':<36} {'||h_K||':>22} {'final PPL':>18}")
     for r in rows:
         n, p = r["hidden_norm_K"], r["ppl"]
@@ -261,13 +263,6 @@ def judge_seeds(runs):
                        "per_seed": {rep: {"held": c["held"], "figure": c["figure"],
                                           "values": c["values"]} for rep, c in seeds.items()}})
     return claims
-
-
-def spread(values):
-    """mean, sample standard deviation (0 for one value), min, max and n of `values`."""
-    t = torch.tensor(values, dtype=torch.float64)
-    return {"mean": t.mean().item(), "std": t.std().item() if len(values) > 1 else 0.0,
-            "min": t.min().item(), "max": t.max().item(), "n": len(values)}
 
 
 def spread_text(s, digits=3):
