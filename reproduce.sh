@@ -11,10 +11,17 @@
 #   SEEDS=3 ITERS=500 JOBS=2 RUNS="rmsnorm penalty" bash reproduce.sh [out_folder] [train flags]
 # Defaults: SEEDS=1, ITERS=500, JOBS=the number of cores, RUNS=all seven, PYTHON=python,
 # SPEED_TOKENS=200 (tokens per timed generation), out_folder=out/repro. On 2 cores one seed
-# takes about 15 minutes. A run replaces the one of the same name there. Two one-thread runs at
+# takes about 17 minutes. A run replaces the one of the same name there. Two one-thread runs at
 # once beat one two-thread run after the other on 2 cores (two 300-step runs, twice: 112 and
 # 121 s against 136 and 153 s).
 set -euo pipefail
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then  # this header is the help
+  sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+  exit 0
+fi
+case ${1:-} in -*) echo "error: the first argument is the output folder, not ${1}; see --help" >&2
+                   exit 2 ;;
+esac
 cd "$(dirname "$0")"
 OUT=${1:-out/repro}; shift || true
 EXTRA=("$@")

@@ -1,7 +1,7 @@
 """
 Plant typical bugs, one at a time, and see which the test suite catches.
 
-  python tests/mutants.py                 # every mutant (about 6 minutes on 2 cores)
+  python tests/mutants.py                 # every mutant (about 7 minutes on 2 cores)
   python tests/mutants.py --only=eval     # the mutants whose name contains 'eval'
   python tests/mutants.py --list
 

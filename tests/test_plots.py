@@ -334,4 +334,10 @@ def test_reproduce_two_seeds_on_tiny_runs(data_dir, tmp_path):
                            env=env | {"RUNS": "rmsnorm", knob: bad}, capture_output=True,
                            text=True, timeout=60)
         assert p.returncode == 2 and f"{knob}={bad} is invalid" in p.stderr, (knob, p.stderr)
-    assert not (tmp_path / "x").exists()
+    script = os.path.join(ROOT, "reproduce.sh")
+    p = subprocess.run(["bash", script, "--help"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "SEEDS=3" in p.stdout and "RUNS" in p.stdout
+    p = subprocess.run(["bash", script, "--max_iters=3"], env=env, capture_output=True,
+                       text=True, timeout=60)  # a flag where the folder belongs
+    assert p.returncode == 2 and "the first argument is the output folder" in p.stderr
+    assert not (tmp_path / "x").exists() and not os.path.exists(os.path.join(ROOT, "--max_iters=3"))
