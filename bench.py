@@ -113,6 +113,8 @@ OPTIONS = {
 
 
 def together(cfg, explicit):
+    if cfg.profile and cfg.compile_probe:
+        return "--profile and --compile_probe are two different runs: choose one"
     if cfg.gen_tokens >= cfg.block_size:
         return (f"--gen_tokens={cfg.gen_tokens} must be below --block_size={cfg.block_size} "
                 f"(the prompt fills the rest of the context)")

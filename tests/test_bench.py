@@ -88,6 +88,8 @@ def test_bench_profile_lists_the_top_ops_of_the_step_it_runs(monkeypatch):
     assert [(r["case"], r["vocab"]) for r in out["profiles"]] == [("dense", "char"),
                                                                  ("nanogpt", "char")]
     assert "results" in out and out["results"] == []  # profiled, not timed
+    p = run("bench.py", "--profile=True", "--compile_probe=True")
+    assert p.returncode == 2 and "choose one" in p.stderr
 
 
 def test_bench_sizes_default_to_the_cpu_preset_from_any_folder(tmp_path, monkeypatch):
