@@ -450,7 +450,7 @@ def speed(model, data, halt, cfg, dtype="float32"):
                 synchronize(device)
                 if r:
                     times[kind].append(time.perf_counter() - start)
-                    loops[kind] = used.float().mean().item()
+                    loops[kind] = used.float().mean().cpu().item()  # read on the CPU
         out["batch"][str(b)] = {kind: {"tokens_per_s": b * cfg.new_tokens / statistics.median(ts),
                                        "mean_loops": loops[kind]}
                                 for kind, ts in times.items()}

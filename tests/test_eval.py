@@ -572,3 +572,19 @@ def test_speed_cli_generates_at_the_calibrated_threshold(tiny_runs, data_dir, tm
         assert r["full"]["mean_loops"] == K and r["exit"]["mean_loops"] == 1.0
         assert r["full"]["tokens_per_s"] > 0 and r["exit"]["tokens_per_s"] > 0
     assert ev["speed"]["threshold"] == -1.0 and "speed-up" in p.stdout
+
+
+@pytest.mark.parametrize("kind", ["cuda", "mps"])
+def test_speed_on_device(kind, tiny_runs, data_dir, monkeypatch):
+    """--run=speed on the stand-in device: prompts built on the CPU reach the model's device, and
+    nothing is read back but through the CPU (and generation's one exit check, answered here)."""
+    import sample
+    monkeypatch.setattr(sample, "who_exited", lambda done: (False, True))
+    model, ckpt = load_model(tiny_runs["scale_visible"])
+    data, _ = load_data(data_dir, ckpt["config"]["dataset"], ckpt["config"]["block_size"])
+    cfg = SimpleNamespace(policy="logit_margin", new_tokens=4, rounds=1)
+    halt = {"threshold": 0.5, "mean_loops": 2.0, "ppl": 10.1, "ratio": 1.01}
+    with on_device(kind) as dev:
+        out = eval_script.speed(model.to(dev), data["val"], halt, cfg)
+    assert set(out["batch"]) == {"1", "8"}
+    assert all(r[k]["tokens_per_s"] > 0 for r in out["batch"].values() for k in ("full", "exit"))
