@@ -294,12 +294,8 @@ def pm(s, fmt="{:.3f}", std_fmt=None):
 
 def conditions(runs, policy="logit_margin"):
     """One row per run name (condition), each figure as its spread over the seeds."""
-    names = []
-    for r in runs:
-        if r["run"] not in names:
-            names.append(r["run"])
     rows = []
-    for name in names:
+    for name in dict.fromkeys(r["run"] for r in runs):  # each name once, in order
         rs = [r for r in runs if r["run"] == name and r["ppl"]]
         if not rs:
             continue
@@ -309,12 +305,7 @@ def conditions(runs, policy="logit_margin"):
         row = {"run": name, "condition": condition(rs[0]["config"], mates), "seeds": len(rs),
                "hidden_norm_K": spread([r["hidden_norm"][-1] for r in rs]),
                "ppl_per_depth": [spread([r["ppl"][k] for r in rs]) for k in range(K)],
-               "halting": {unit: {p: {"mean_loops": spread([r["halting"][unit][p]["mean_loops"]
-                                                              for r in rs]),
-                                      "ratio": spread([r["halting"][unit][p]["ratio"]
-                                                       for r in rs])}
-                                  for p in rs[0]["halting"][unit]}
-                           for unit in rs[0]["halting"]}}
+               "halting": halting_spread([r["halting"] for r in rs])}
         row["ppl"] = row["ppl_per_depth"][-1]
         row["mean_loops"] = row["halting"]["token"][policy]["mean_loops"]
         fast = [r["speed"] for r in rs if r["speed"]]
@@ -322,6 +313,19 @@ def conditions(runs, policy="logit_margin"):
             row["speed"] = speed_row(fast)
         rows.append(row)
     return rows
+
+
+def halting_spread(haltings):
+    """eval.json's halting entries of several seeds -> per unit and policy, the spread of its
+    mean loops and of its PPL ratio."""
+    out = {}
+    for unit, policies in haltings[0].items():
+        out[unit] = {}
+        for p in policies:
+            entries = [h[unit][p] for h in haltings]
+            out[unit][p] = {"mean_loops": spread([e["mean_loops"] for e in entries]),
+                            "ratio": spread([e["ratio"] for e in entries])}
+    return out
 
 
 def speed_row(speeds):
