@@ -36,10 +36,12 @@ def pick_device(name, here=None):
     machine lacks the named device."""
     here = devices_here() if here is None else here
     if name == "auto":
-        return next(d for d in ("cuda", "mps", "cpu") if d in here), None
+        name = next(d for d in ("cuda", "mps", "cpu") if d in here)
     if name not in here:
         return None, f"--device={name!r} is not available on this machine; devices here: " \
                      f"{', '.join(here)}"
+    if name == "cuda":  # the first visible GPU, by index: torch.cuda.set_device needs one
+        return "cuda:0", None
     return name, None
 
 

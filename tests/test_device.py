@@ -21,7 +21,7 @@ from standin import standin
 # ---- the rules, as plain functions ---------------------------------------------------------
 
 def test_device_auto_prefers_cuda_then_mps_then_cpu():
-    assert pick_device("auto", ["cpu", "cuda", "cuda:0", "mps"]) == ("cuda", None)
+    assert pick_device("auto", ["cpu", "cuda", "cuda:0", "mps"]) == ("cuda:0", None)
     assert pick_device("auto", ["cpu", "mps"]) == ("mps", None)
     assert pick_device("auto", ["cpu"]) == ("cpu", None)
     assert pick_device("cuda:1", ["cpu", "cuda", "cuda:0", "cuda:1"]) == ("cuda:1", None)
@@ -29,6 +29,16 @@ def test_device_auto_prefers_cuda_then_mps_then_cpu():
     assert device is None and "--device='cuda:2' is not available" in why
     assert "devices here: cpu, cuda, cuda:0, cuda:1" in why
     assert pick_device("mps", ["cpu"])[0] is None
+
+
+def test_a_cuda_device_always_names_its_gpu():
+    # torch.cuda.set_device refuses a bare "cuda" (ValueError: "Expected a torch.device with a
+    # specified index"); train.py and bench.py call it with the device picked here
+    here = ["cpu", "cuda", "cuda:0", "cuda:1"]
+    for name in ("auto", "cuda", "cuda:0", "cuda:1"):
+        device, _ = pick_device(name, here)
+        assert torch.device(device).index is not None, name
+    assert pick_device("cuda", here) == ("cuda:0", None)
 
 
 def test_ddp_device_gives_each_rank_its_own_gpu():
