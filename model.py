@@ -316,7 +316,7 @@ class LoopedGPT(nn.Module):
             w = self.lm_head.weight
             with_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
             rows = chunk_rows(x.size(0), w.size(0), x.device.type)
-            return ReadoutCE.apply(x, w, targets.flatten(), rows, with_grad)
+            return ReadoutCE.apply(x, w, targets.flatten(), rows, with_grad, matmul_dtype(x))
         logits = self.readout(h, k)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
 
@@ -382,34 +382,42 @@ def strict_to_loose(thresholds, policy):
 CHUNK_ELEMS = {"cuda": 2 ** 28, "mps": 2 ** 26}
 CPU_CHUNK_ELEMS = 2 ** 23
 COMPILED_CHUNKS = 8
+AUTOCAST_KINDS = ("cpu", "cuda", "mps")
 
 
 def chunk_rows(n_rows, vocab_size, device_type):
-    """Rows of logits per chunk on this kind of device (all rows when they fit in one)."""
-    rows = CHUNK_ELEMS.get(device_type, CPU_CHUNK_ELEMS) // vocab_size
+    """Rows of logits per chunk on this kind of device: as many equal chunks as the budget
+    needs (all rows when they fit in one)."""
+    rows = max(1, CHUNK_ELEMS.get(device_type, CPU_CHUNK_ELEMS) // vocab_size)
+    chunks = -(-n_rows // rows)
     if torch.compiler.is_compiling():
-        rows = max(rows, -(-n_rows // COMPILED_CHUNKS))
-    return max(1, min(n_rows, rows))
+        chunks = min(chunks, COMPILED_CHUNKS)
+    return -(-n_rows // max(1, chunks))
+
+
+def matmul_dtype(x):
+    """The dtype autocast gives a matmul of x here (x's own dtype where autocast is off)."""
+    kind = x.device.type
+    if kind in AUTOCAST_KINDS and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
 
 
 class ReadoutCE(torch.autograd.Function):
     """mean CE(x @ W^T, targets) over rows with target != -1, and its gradients, in one pass
-    over row chunks. Each chunk's logits turn into softmax - onehot in their own buffer and are
-    used at once for that chunk's dx rows and its share of dW, so no [N, V] logits tensor
+    over row chunks. Each chunk's log-softmax is turned into softmax - onehot in its own buffer
+    and used at once for that chunk's dx rows and its share of dW, so no [N, V] logits tensor
     outlives its chunk and none is ever recomputed: the three matmuls of plain autograd with
     the memory of one chunk. The loss is a scalar, so backward only scales the stored gradients
     by the incoming one."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, rows_per_chunk, with_grad):
-        # matmuls in autocast's dtype when it is on; softmax sums in fp32 (fp64 for fp64 inputs)
-        dt = x.dtype
-        kind = x.device.type
-        if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
-            dt = torch.get_autocast_dtype(kind)
+    def forward(ctx, x, weight, targets, rows_per_chunk, with_grad, dt):
+        # dt: the matmuls' dtype (autocast's); log-softmax in fp32 (fp64 for fp64 inputs)
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         valid = targets != -1
         n = valid.sum().clamp(min=1)
+        scale = valid.to(acc) / n  # d mean CE / d CE of each row: 0 where ignored
         w = weight.to(dt)
         total = torch.zeros((), dtype=acc, device=x.device)
         dx = torch.empty_like(x) if with_grad else None
@@ -418,21 +426,22 @@ class ReadoutCE(torch.autograd.Function):
             rows = slice(s, s + rows_per_chunk)
             xc = x[rows].to(dt)
             t = targets[rows].clamp(min=0)
-            logits = (xc @ w.t()).to(acc)
-            lse = torch.logsumexp(logits, dim=-1)
-            ce = lse - logits.gather(1, t[:, None])[:, 0]
+            logp = torch.log_softmax(xc @ w.t(), dim=-1, dtype=acc)  # the chunk's one buffer
+            ce = -logp.gather(1, t[:, None])[:, 0]
             total += (ce * valid[rows]).sum()
             if not with_grad:
                 continue
-            g = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' own buffer
-            g[torch.arange(len(t), device=g.device), t] -= 1  # minus onehot
-            g.mul_((valid[rows].to(acc) / n)[:, None])  # d mean CE / d logits
+            g = logp.exp_()  # softmax, in place
+            g[torch.arange(len(t), device=g.device), t] -= 1  # minus onehot: d CE / d logits
             g = g.to(dt)
-            dx[rows] = g @ w
-            if dw.dtype == g.dtype:
-                dw.addmm_(g.t(), xc)  # accumulate without a [V, C] temporary per chunk
+            # the per-row scale goes on the [rows, C] side of each product, not on [rows, V]
+            row_scale = scale[rows, None]
+            dx[rows] = (g @ w) * row_scale
+            xs = (xc * row_scale).to(dt)
+            if dw.dtype == dt:
+                dw.addmm_(g.t(), xs)  # accumulate without a [V, C] temporary per chunk
             else:  # autocast: low-precision products, summed in fp32
-                dw += g.t() @ xc
+                dw += g.t() @ xs
         if with_grad:
             ctx.save_for_backward(dx, dw.to(weight.dtype))
         return total / n
@@ -440,4 +449,4 @@ class ReadoutCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         dx, dw = ctx.saved_tensors
-        return grad * dx, grad * dw, None, None, None
+        return grad * dx, grad * dw, None, None, None, None

@@ -239,7 +239,7 @@ def test_readout_ce_equals_plain_autograd(rows):
     x, w, t = lean_ce_case()
     plain = F.cross_entropy(x @ w.t(), t, ignore_index=-1)
     gx, gw = torch.autograd.grad(3.0 * plain, (x, w))
-    lean = ReadoutCE.apply(x, w, t, rows, True)
+    lean = ReadoutCE.apply(x, w, t, rows, True, x.dtype)
     lx, lw = torch.autograd.grad(3.0 * lean, (x, w))
     torch.testing.assert_close(lean, plain, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(lx, gx, rtol=1e-10, atol=1e-12)
@@ -250,25 +250,25 @@ def test_readout_ce_all_ignored_and_without_grad():
     from model import ReadoutCE
     x, w, t = lean_ce_case()
     t[:] = -1
-    lean = ReadoutCE.apply(x, w, t, 6, True)
+    lean = ReadoutCE.apply(x, w, t, 6, True, x.dtype)
     lx, lw = torch.autograd.grad(lean, (x, w))
     assert lean.item() == 0 and not lx.any() and not lw.any()
     with torch.no_grad():  # a measured exit: the loss only, no gradient work
         x, w, t = lean_ce_case()
-        loss = ReadoutCE.apply(x, w, t, 6, False)
+        loss = ReadoutCE.apply(x, w, t, 6, False, x.dtype)
     torch.testing.assert_close(loss, F.cross_entropy(x @ w.t(), t, ignore_index=-1))
 
 
 def test_readout_ce_under_bfloat16_autocast_within_plain_error():
     """bf16 autocast: the lean CE's error against float64 is no larger than plain autograd's own
     under the same autocast (up to 1.5x, and a small floor)."""
-    from model import ReadoutCE
+    from model import ReadoutCE, matmul_dtype
     x, w, t = lean_ce_case(n=64, c=32, v=300, dtype=torch.float32)
     ref = F.cross_entropy(x.double() @ w.double().t(), t, ignore_index=-1)
     rx, rw = torch.autograd.grad(ref, (x, w))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         plain = F.cross_entropy((x @ w.t()).float(), t, ignore_index=-1)
-        lean = ReadoutCE.apply(x, w, t, 16, True)
+        lean = ReadoutCE.apply(x, w, t, 16, True, matmul_dtype(x))
     px, pw = torch.autograd.grad(plain, (x, w))
     lx, lw = torch.autograd.grad(lean, (x, w))
     for mine, theirs, exact in ((lean, plain, ref), (lx, px, rx), (lw, pw, rw)):
@@ -290,7 +290,7 @@ def test_readout_ce_matmuls_once_per_chunk_and_direction():
                 calls.append(func)
             return func(*args, **(kwargs or {}))
     with Count():
-        loss = ReadoutCE.apply(x, w, t, 10, True)  # 5 chunks
+        loss = ReadoutCE.apply(x, w, t, 10, True, x.dtype)  # 5 chunks
         forward_calls = len(calls)
         loss.backward()
     assert forward_calls == 15 and len(calls) == 15
@@ -362,7 +362,7 @@ def test_readout_ce_chunks_per_device_and_under_compile(monkeypatch):
     (which unrolls the loop), all rows when they fit in one chunk."""
     from model import chunk_rows
     n, V = 64 * 256, 50257  # the 44M preset's batch at GPT-2's vocabulary
-    assert -(-n // chunk_rows(n, V, "cuda")) == 4
+    assert chunk_rows(n, V, "cuda") == n // 4  # 4 equal chunks, not 3 full ones and a sliver
     assert chunk_rows(n, V, "cpu") == 2 ** 23 // V
     assert chunk_rows(n, 69, "cpu") == n and chunk_rows(100, V, "mps") == 100
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
