@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from configurator import DEVICE, at_least, check, device_or_exit, error, one_of, parse
 from configurator import read_preset
 from device import autocast, keep_freed_memory, peak_tflops, pick_dtype, synchronize
-from model import LoopedGPT, LoopedGPTConfig
+from model import LoopedGPT, LoopedGPTConfig, ReadoutCE, chunk_rows, matmul_dtype
 from rundir import writable_parent
 from sample import generate
 from train import OPTIONS as TRAIN_OPTIONS
@@ -105,6 +105,9 @@ OPTIONS = {
     "profile": (False, "instead of timing steps: profile --steps steps of each case after "
                        "--warmup (torch.profiler) and print its top ops by self time per step",
                 None),
+    "ce_sweep": (False, "instead of timing steps: time one exit's readout CE (forward + "
+                        "backward) at the preset's batch, plain autograd against ReadoutCE at "
+                        "1, 2, 4, ... chunks, with each one's peak memory", None),
     "one_case": ("", "internal: run one case (case@vocab) and print its result as JSON",
                  check("'' or case@vocab", lambda v: v == "" or (
                      v.count("@") == 1 and v.split("@")[0] in CASES
@@ -113,9 +116,10 @@ OPTIONS = {
 
 
 def together(cfg, explicit):
-    if cfg.profile and cfg.compile_probe:
-        return "--profile and --compile_probe are two different runs: choose one"
-    if cfg.gen_tokens >= cfg.block_size:
+    modes = [m for m in ("profile", "compile_probe", "ce_sweep") if getattr(cfg, m)]
+    if len(modes) > 1:
+        return f"--{modes[0]} and --{modes[1]} are two different runs: choose one"
+    if not modes and cfg.gen_tokens >= cfg.block_size:  # generation runs with timed steps only
         return (f"--gen_tokens={cfg.gen_tokens} must be below --block_size={cfg.block_size} "
                 f"(the prompt fills the rest of the context)")
     return None
@@ -245,6 +249,60 @@ def compile_probe(cfg, vocab, device, dtype):
     for key in ("graph_nodes", "compile_s"):
         print(f"  chunked / plain {key}: x{results['chunked'][key] / results['plain'][key]:.2f}")
     return results
+
+
+# ---- one exit's readout CE alone: plain against ReadoutCE at each chunk count ------------
+
+def ce_sweep(cfg, vocab, device, dtype):
+    """Fastest forward + backward of one exit's CE (over --rounds rounds of --steps after
+    --warmup) and its peak memory: plain autograd, which keeps the [N, V] logits, against
+    ReadoutCE at 1, 2, 4, ... chunks. Marks the chunk count chunk_rows picks on this device."""
+    _, _, n_embd, batch = sizes(cfg)
+    N = (cfg.batch_size or batch) * cfg.block_size
+    V = VOCABS[vocab]
+    torch.manual_seed(0)
+    x = torch.randn(N, n_embd, device=device, requires_grad=True)
+    w = (0.02 * torch.randn(V, n_embd, device=device)).requires_grad_()
+    t = torch.randint(V, (N,), device=device)
+
+    def step(rows):
+        x.grad = w.grad = None
+        with autocast(device, dtype):
+            if rows is None:
+                loss = F.cross_entropy(x @ w.t(), t)
+            else:
+                loss = ReadoutCE.apply(x, w, t, rows, True, matmul_dtype(x))
+        loss.backward()
+
+    def label(chunks):
+        return f"{chunks} chunk{'s' if chunks > 1 else ''}"
+    variants = {"plain": None}
+    chunks = 1
+    while chunks <= min(N, 128):
+        variants[label(chunks)] = -(-N // chunks)
+        chunks *= 2
+    picked = -(-N // chunk_rows(N, V, device.split(":")[0]))
+    variants.setdefault(label(picked), -(-N // picked))
+    # CUDA counts the peak exactly; a CPU process's RSS keeps what earlier variants freed
+    cuda = device.startswith("cuda")
+    best = {}
+    for _ in range(cfg.rounds):
+        for name, rows in variants.items():
+            for _ in range(cfg.warmup):
+                step(rows)
+            mark = memory_mark(device) if cuda else None
+            seconds = min(_timed(lambda: step(rows), device) for _ in range(cfg.steps))
+            peak = memory_peak(device, mark)
+            if name not in best or seconds < best[name]["step_s"]:
+                best[name] = {"step_s": seconds, "peak_mem_bytes": peak}
+    print(f"\none exit's CE at vocab {vocab} ({V:,}): {N:,} rows x {n_embd}, {device} {dtype}; "
+          f"chunk_rows picks {picked} chunks here")
+    print(f"{'variant':<12} {'ms':>9} {'x plain':>8} {'peak MiB':>9}")
+    for name, r in best.items():
+        mark = "  <- picked" if name == label(picked) else ""
+        print(f"{name:<12} {r['step_s'] * 1e3:>9.2f} {r['step_s'] / best['plain']['step_s']:>8.3f} "
+              f"{mib(r['peak_mem_bytes']):>9}{mark}")
+    return {"rows": N, "picked_chunks": picked, "variants": best}
 
 
 # ---- peak memory: what the steps add, measured as each device allows -----------------------
@@ -610,6 +668,12 @@ def main(argv=None):
         writable_parent(cfg.json, "--json")
     if cfg.compile_probe:
         out = {v: compile_probe(cfg, v, device, dtype) for v in cfg.vocab.split(",")}
+        if cfg.json:
+            with open(cfg.json, "w") as f:
+                json.dump(out, f, indent=1)
+        return out
+    if cfg.ce_sweep:
+        out = {v: ce_sweep(cfg, v, device, dtype) for v in cfg.vocab.split(",")}
         if cfg.json:
             with open(cfg.json, "w") as f:
                 json.dump(out, f, indent=1)
