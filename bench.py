@@ -294,7 +294,8 @@ def ce_sweep(cfg, vocab, device, dtype):
             seconds = min(_timed(lambda: step(rows), device) for _ in range(cfg.steps))
             peak = memory_peak(device, mark)
             if name not in best or seconds < best[name]["step_s"]:
-                best[name] = {"step_s": seconds, "peak_mem_bytes": peak}
+                best[name] = {"rows_per_chunk": rows, "step_s": seconds,
+                              "peak_mem_bytes": peak}
     print(f"\none exit's CE at vocab {vocab} ({V:,}): {N:,} rows x {n_embd}, {device} {dtype}; "
           f"chunk_rows picks {picked} chunks here")
     print(f"{'variant':<12} {'ms':>9} {'x plain':>8} {'peak MiB':>9}")

@@ -92,6 +92,40 @@ def test_bench_profile_lists_the_top_ops_of_the_step_it_runs(monkeypatch):
     assert p.returncode == 2 and "choose one" in p.stderr
 
 
+def test_bench_ce_sweep_times_every_chunk_count_and_marks_the_picked_one(tmp_path, capsys):
+    """--ce_sweep: plain CE, then ReadoutCE at 1, 2, 4, ... chunks that split the rows evenly,
+    the chunk count chunk_rows picks here marked; no peak memory on a CPU (its RSS keeps what
+    earlier variants freed); and one mode at a time."""
+    from model import chunk_rows
+    out = bench.main(["--ce_sweep=True", "--vocab=gpt2", "--block_size=16", "--batch_size=3",
+                      "--steps=1", "--warmup=0", "--rounds=1", f"--json={tmp_path}/s.json"])
+    sweep = out["gpt2"]
+    assert sweep["rows"] == 48
+    rows = {name: v["rows_per_chunk"] for name, v in sweep["variants"].items()}
+    assert rows == {"plain": None, "1 chunk": 48, "2 chunks": 24, "4 chunks": 12, "8 chunks": 6,
+                    "16 chunks": 3, "32 chunks": 2}
+    assert sweep["picked_chunks"] == -(-48 // chunk_rows(48, 50257, "cpu")) == 1
+    assert all(v["step_s"] > 0 and v["peak_mem_bytes"] is None
+               for v in sweep["variants"].values())
+    picked = [line for line in capsys.readouterr().out.splitlines() if "<- picked" in line]
+    assert len(picked) == 1 and picked[0].startswith("1 chunk ")
+    assert json.loads((tmp_path / "s.json").read_text())["gpt2"]["rows"] == 48
+    p = run("bench.py", "--ce_sweep=True", "--compile_probe=True")
+    assert p.returncode == 2 and "--compile_probe and --ce_sweep are two different runs" in p.stderr
+
+
+@pytest.mark.parametrize("kind", ["cuda", "mps"])
+def test_bench_ce_sweep_on_a_standin_device(kind, monkeypatch):
+    """The sweep's tensors live on the device (no CPU tensor meets them) and each timed step
+    syncs the device before its clock reads."""
+    synced = []
+    monkeypatch.setattr(bench, "synchronize", lambda device: synced.append(device))
+    with standin(kind) as device:
+        out = bench.ce_sweep(tiny("--rounds=1", "--steps=1"), "gpt2", device, "float32")
+    assert len(out["variants"]) == 1 + 6  # plain, 1..32 chunks of 32 rows
+    assert synced and set(synced) == {device}
+
+
 def test_bench_sizes_default_to_the_cpu_preset_from_any_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default preset is found next to bench.py
     assert bench.sizes(tiny()) == (2, 4, 128, 8)  # config/cpu.py
