@@ -3,6 +3,7 @@ Measure training and generation speed and memory of the looped model, all in one
 
   python bench.py                                        # CPU: both vocabularies (~6 min)
   python bench.py --preset=config/paper_44m.py --vocab=gpt2 --compile=True   # a GPU
+  python bench.py --ce_sweep=True --vocab=gpt2        # one exit's CE: plain vs each chunk count
 
 Sizes come from the --preset file, by default the CPU demo config/cpu.py (n_layer 2, n_head 4,
 n_embd 128, batch 8; '' = train.py's own defaults, the paper's 44M model), with the bench's own

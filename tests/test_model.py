@@ -259,21 +259,23 @@ def test_readout_ce_all_ignored_and_without_grad():
     torch.testing.assert_close(loss, F.cross_entropy(x @ w.t(), t, ignore_index=-1))
 
 
-def test_readout_ce_under_bfloat16_autocast_within_plain_error():
-    """bf16 autocast: the lean CE's error against float64 is no larger than plain autograd's own
-    under the same autocast (up to 1.5x, and a small floor)."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_readout_ce_under_autocast_within_plain_error(dtype):
+    """bf16 and fp16 autocast: the lean CE's error against float64 is no larger than plain
+    autograd's own under the same autocast (up to 1.5x, and a small floor)."""
     from model import ReadoutCE, matmul_dtype
     x, w, t = lean_ce_case(n=64, c=32, v=300, dtype=torch.float32)
     ref = F.cross_entropy(x.double() @ w.double().t(), t, ignore_index=-1)
     rx, rw = torch.autograd.grad(ref, (x, w))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
+        assert matmul_dtype(x) == dtype
         plain = F.cross_entropy((x @ w.t()).float(), t, ignore_index=-1)
         lean = ReadoutCE.apply(x, w, t, 16, True, matmul_dtype(x))
     px, pw = torch.autograd.grad(plain, (x, w))
     lx, lw = torch.autograd.grad(lean, (x, w))
     for mine, theirs, exact in ((lean, plain, ref), (lx, px, rx), (lw, pw, rw)):
         err = (mine.double() - exact.double()).abs().max()
-        assert err <= 1.5 * (theirs.double() - exact.double()).abs().max() + 1e-3, err
+        assert err <= 1.5 * (theirs.double() - exact.double()).abs().max() + 1e-4, err
 
 
 def test_readout_ce_matmuls_once_per_chunk_and_direction():
