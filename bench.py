@@ -668,18 +668,9 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     if cfg.json:  # checked before minutes of work, not after
         writable_parent(cfg.json, "--json")
-    if cfg.compile_probe:
-        out = {v: compile_probe(cfg, v, device, dtype) for v in cfg.vocab.split(",")}
-        if cfg.json:
-            with open(cfg.json, "w") as f:
-                json.dump(out, f, indent=1)
-        return out
-    if cfg.ce_sweep:
-        out = {v: ce_sweep(cfg, v, device, dtype) for v in cfg.vocab.split(",")}
-        if cfg.json:
-            with open(cfg.json, "w") as f:
-                json.dump(out, f, indent=1)
-        return out
+    if cfg.compile_probe or cfg.ce_sweep:  # each vocabulary in turn; no training steps timed
+        measure = compile_probe if cfg.compile_probe else ce_sweep
+        return write_json(cfg, {v: measure(cfg, v, device, dtype) for v in cfg.vocab.split(",")})
     if cfg.one_case:  # child process: one case, one JSON line
         case, vocab = cfg.one_case.split("@")
         print(json.dumps(run_case(cfg, case, vocab, device, dtype)))

@@ -381,7 +381,7 @@ def strict_to_loose(thresholds, policy):
 # on a CPU; and at most COMPILED_CHUNKS under torch.compile, which unrolls the chunk loop
 CHUNK_ELEMS = {"cuda": 2 ** 28, "mps": 2 ** 26}
 CPU_CHUNK_ELEMS = 2 ** 23
-COMPILED_CHUNKS = 8
+COMPILED_CHUNKS = 4  # each one a copy of the CE code in the compiled graph
 AUTOCAST_KINDS = ("cpu", "cuda", "mps")
 
 
