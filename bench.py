@@ -298,12 +298,13 @@ def ce_sweep(cfg, vocab, device, dtype):
                 best[name] = {"rows_per_chunk": rows, "step_s": seconds,
                               "peak_mem_bytes": peak}
     print(f"\none exit's CE at vocab {vocab} ({V:,}): {N:,} rows x {n_embd}, {device} {dtype}; "
-          f"chunk_rows picks {picked} chunks here")
+          f"chunk_rows picks {label(picked)} here")
     print(f"{'variant':<12} {'ms':>9} {'x plain':>8} {'peak MiB':>9}")
     for name, r in best.items():
-        mark = "  <- picked" if name == label(picked) else ""
-        print(f"{name:<12} {r['step_s'] * 1e3:>9.2f} {r['step_s'] / best['plain']['step_s']:>8.3f} "
-              f"{mib(r['peak_mem_bytes']):>9}{mark}")
+        note = "  <- picked" if name == label(picked) else ""
+        ratio = r["step_s"] / best["plain"]["step_s"]
+        print(f"{name:<12} {r['step_s'] * 1e3:>9.2f} {ratio:>8.3f} "
+              f"{mib(r['peak_mem_bytes']):>9}{note}")
     return {"rows": N, "picked_chunks": picked, "variants": best}
 
 
