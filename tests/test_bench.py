@@ -70,7 +70,7 @@ def test_bench_runs_every_case_and_prints_ratios(tmp_path):
     assert ratios["terminal step time / flat step time, by round"] == [t["step_s"] / f["step_s"]]
 
 
-def test_bench_profile_lists_the_top_ops_of_the_step_it_runs(monkeypatch):
+def test_bench_profile_lists_the_top_ops_of_the_step_it_runs(monkeypatch, capsys):
     """--profile: the ops of the very step that is timed, by self time per step, largest
     first, with their calls per step (the dense loss makes more matmuls than the terminal
     one: the readout of the exit of loop 1 of K=2)."""
@@ -88,8 +88,9 @@ def test_bench_profile_lists_the_top_ops_of_the_step_it_runs(monkeypatch):
     assert [(r["case"], r["vocab"]) for r in out["profiles"]] == [("dense", "char"),
                                                                  ("nanogpt", "char")]
     assert "results" in out and out["results"] == []  # profiled, not timed
-    p = run("bench.py", "--profile=True", "--compile_probe=True")
-    assert p.returncode == 2 and "choose one" in p.stderr
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--profile=True", "--compile_probe=True"])
+    assert stop.value.code == 2 and "choose one" in capsys.readouterr().err
 
 
 def test_bench_ce_sweep_times_every_chunk_count_and_marks_the_picked_one(tmp_path, capsys):
@@ -110,8 +111,10 @@ def test_bench_ce_sweep_times_every_chunk_count_and_marks_the_picked_one(tmp_pat
     picked = [line for line in capsys.readouterr().out.splitlines() if "<- picked" in line]
     assert len(picked) == 1 and picked[0].startswith("1 chunk ")
     assert json.loads((tmp_path / "s.json").read_text())["gpt2"]["rows"] == 48
-    p = run("bench.py", "--ce_sweep=True", "--compile_probe=True")
-    assert p.returncode == 2 and "--compile_probe and --ce_sweep are two different runs" in p.stderr
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--ce_sweep=True", "--compile_probe=True"])
+    assert stop.value.code == 2
+    assert "--compile_probe and --ce_sweep are two different runs" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind", ["cuda", "mps"])
