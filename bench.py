@@ -305,7 +305,7 @@ def ce_sweep(cfg, vocab, device, dtype):
         ratio = r["step_s"] / best["plain"]["step_s"]
         print(f"{name:<12} {r['step_s'] * 1e3:>9.2f} {ratio:>8.3f} "
               f"{mib(r['peak_mem_bytes']):>9}{note}")
-    return {"rows": N, "picked_chunks": picked, "variants": best}
+    return {"rows": N, "picked_chunks": picked, "picked": label(picked), "variants": best}
 
 
 # ---- peak memory: what the steps add, measured as each device allows -----------------------
@@ -571,7 +571,8 @@ def report(results, vocab, peak_flops, rounds=None):
 # ---- gpu_check.sh's summary: one table from the files its steps wrote ----------------------
 
 GPU_CHECK_FILES = {  # under gpu_check.sh's out folder
-    "bench": "gpu_bench.json", "log": "gpu_44m/log.jsonl", "eval": "gpu_44m/eval.json",
+    "bench": "gpu_bench.json", "sweep": "gpu_ce_sweep.json", "log": "gpu_44m/log.jsonl",
+    "eval": "gpu_44m/eval.json",
     "fixed": "gpu_sample_fixed.txt", "adaptive": "gpu_sample_adaptive.txt"}
 SAMPLE_LOOPS = "mean loops per generated token:"  # sample.py's last line
 
@@ -609,6 +610,15 @@ def gpu_check_table(out="out"):
     else:
         title = "no bench results"
         rows.append(("bench", "-"))
+    sweep = _read_json(paths["sweep"])
+    if sweep:
+        s = sweep["gpt2"]
+        picked, plain = s["variants"][s["picked"]], s["variants"]["plain"]
+        rows.append((f"bench one exit's CE, {s['picked']} (picked) / plain CE",
+                     f"{picked['step_s'] * 1e3:.2f} / {plain['step_s'] * 1e3:.2f} ms, "
+                     f"{mib(picked['peak_mem_bytes'])} / {mib(plain['peak_mem_bytes'])} MiB"))
+    else:
+        rows.append(("bench one exit's CE", "-"))
     log = _read_jsonl_last(paths["log"])
     if log:
         rows.append((f"train iter {log['iter']}: val CE at loop K / ||h_K||",

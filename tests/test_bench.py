@@ -106,6 +106,7 @@ def test_bench_ce_sweep_times_every_chunk_count_and_marks_the_picked_one(tmp_pat
     assert rows == {"plain": None, "1 chunk": 48, "2 chunks": 24, "4 chunks": 12, "8 chunks": 6,
                     "16 chunks": 3, "32 chunks": 2}
     assert sweep["picked_chunks"] == -(-48 // chunk_rows(48, 50257, "cpu")) == 1
+    assert sweep["picked"] == "1 chunk"
     assert all(v["step_s"] > 0 and v["peak_mem_bytes"] is None
                for v in sweep["variants"].values())
     picked = [line for line in capsys.readouterr().out.splitlines() if "<- picked" in line]
@@ -285,6 +286,11 @@ def test_gpu_check_table_from_its_files(tmp_path):
         "device": "cuda", "gpu": "NVIDIA H200", "dtype": "bfloat16", "results": [result],
         "ratios": {"gpt2": {"terminal step time / flat step time": 1.0123}},
         "generation": {"cached": 812.5, "recompute": 301.0}}))
+    variants = {"plain": {"step_s": 0.02833, "peak_mem_bytes": 7789.5 * 2**20},
+                "4 chunks": {"step_s": 0.03086, "peak_mem_bytes": 3198.3 * 2**20},
+                "8 chunks": {"step_s": 0.03178, "peak_mem_bytes": 1624.6 * 2**20}}
+    (tmp_path / "gpu_ce_sweep.json").write_text(json.dumps({"gpt2": {
+        "rows": 16384, "picked_chunks": 4, "picked": "4 chunks", "variants": variants}}))
     log = {"iter": 300, "val_loop_ce": [7.1, 6.2, 5.8, 5.4321], "hidden_norm": [10, 20, 40, 81.5],
            "tokens_per_sec": 250_000.0}
     (run_dir / "log.jsonl").write_text(json.dumps({**log, "iter": 150}) + "\n"
@@ -301,6 +307,8 @@ def test_gpu_check_table_from_its_files(tmp_path):
     for what, value in [("bench terminal (gpt2)", "42.1 ms / 38.3% / 389,000"),
                         ("bench terminal / flat step time (gpt2)", "x1.012"),
                         ("bench generation", "812.5 / 301.0"),
+                        ("bench one exit's CE, 4 chunks (picked) / plain CE",
+                         "30.86 / 28.33 ms, 3198.3 / 7789.5 MiB"),
                         ("train iter 300: val CE at loop K / ||h_K||", "5.4321 / 81.5"),
                         ("eval full-depth val PPL", "227.750"),
                         ("eval calibrated mean loops", "3.21 of 4, PPL x1.0098"),
@@ -314,4 +322,4 @@ def test_gpu_check_table_from_its_files(tmp_path):
     (run_dir / "eval.json").write_text(json.dumps({"halting": {"token": {"logit_margin":
                                                                          halting}}}))
     assert bench.calibrated_exit(str(run_dir / "eval.json")) == "--exit_policy=max_prob"
-    assert bench.gpu_check_table(str(tmp_path / "nothing")).count(" -") == 5
+    assert bench.gpu_check_table(str(tmp_path / "nothing")).count(" -") == 6
