@@ -280,10 +280,12 @@ def ce_sweep(cfg, vocab, device, dtype):
     variants = {"plain": None}
     chunks = 1
     while chunks <= min(N, 128):
-        variants[label(chunks)] = -(-N // chunks)
+        rows = -(-N // chunks)
+        variants.setdefault(label(-(-N // rows)), rows)  # named by the chunks the rows make
         chunks *= 2
-    picked = -(-N // chunk_rows(N, V, device.split(":")[0]))
-    variants.setdefault(label(picked), -(-N // picked))
+    rows = chunk_rows(N, V, device.split(":")[0])
+    picked = -(-N // rows)
+    variants.setdefault(label(picked), rows)
     # CUDA counts the peak exactly; a CPU process's RSS keeps what earlier variants freed
     cuda = device.startswith("cuda")
     best = {}
@@ -291,6 +293,7 @@ def ce_sweep(cfg, vocab, device, dtype):
         for name, rows in variants.items():
             for _ in range(cfg.warmup):
                 step(rows)
+            x.grad = w.grad = None  # the last step's gradients are not this one's memory
             mark = memory_mark(device) if cuda else None
             seconds = min(_timed(lambda: step(rows), device) for _ in range(cfg.steps))
             peak = memory_peak(device, mark)
@@ -612,9 +615,9 @@ def gpu_check_table(out="out"):
         rows.append(("bench", "-"))
     sweep = _read_json(paths["sweep"])
     if sweep:
-        s = sweep["gpt2"]
+        vocab, s = next(iter(sweep.items()))  # gpu_check.sh sweeps GPT-2's vocabulary
         picked, plain = s["variants"][s["picked"]], s["variants"]["plain"]
-        rows.append((f"bench one exit's CE, {s['picked']} (picked) / plain CE",
+        rows.append((f"bench one exit's CE ({vocab}), {s['picked']} (picked) / plain CE",
                      f"{picked['step_s'] * 1e3:.2f} / {plain['step_s'] * 1e3:.2f} ms, "
                      f"{mib(picked['peak_mem_bytes'])} / {mib(plain['peak_mem_bytes'])} MiB"))
     else:

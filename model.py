@@ -392,13 +392,14 @@ def chunk_rows(n_rows, vocab_size, device_type):
     chunks = -(-n_rows // rows)
     if torch.compiler.is_compiling():
         chunks = min(chunks, COMPILED_CHUNKS)
-    return -(-n_rows // max(1, chunks))
+    return max(1, -(-n_rows // max(1, chunks)))
 
 
 def matmul_dtype(x):
-    """The dtype autocast gives a matmul of x here (x's own dtype where autocast is off)."""
+    """The dtype autocast gives a matmul of x here (x's own dtype where autocast is off, and
+    for float64, which autocast leaves alone)."""
     kind = x.device.type
-    if kind in AUTOCAST_KINDS and torch.is_autocast_enabled(kind):
+    if x.dtype != torch.float64 and kind in AUTOCAST_KINDS and torch.is_autocast_enabled(kind):
         return torch.get_autocast_dtype(kind)
     return x.dtype
 
@@ -417,7 +418,6 @@ class ReadoutCE(torch.autograd.Function):
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         valid = targets != -1
         n = valid.sum().clamp(min=1)
-        scale = valid.to(acc) / n  # d mean CE / d CE of each row: 0 where ignored
         w = weight.to(dt)
         total = torch.zeros((), dtype=acc, device=x.device)
         dx = torch.empty_like(x) if with_grad else None
@@ -434,15 +434,17 @@ class ReadoutCE(torch.autograd.Function):
             g = logp.exp_()  # softmax, in place
             g[torch.arange(len(t), device=g.device), t] -= 1  # minus onehot: d CE / d logits
             g = g.to(dt)
-            # the per-row scale goes on the [rows, C] side of each product, not on [rows, V]
-            row_scale = scale[rows, None]
-            dx[rows] = (g @ w) * row_scale
-            xs = (xc * row_scale).to(dt)
+            keep = valid[rows, None].to(dt)  # an ignored row adds nothing (on the narrow side)
+            dx[rows] = (g @ w) * keep
+            xs = xc * keep
             if dw.dtype == dt:
                 dw.addmm_(g.t(), xs)  # accumulate without a [V, C] temporary per chunk
             else:  # autocast: low-precision products, summed in fp32
                 dw += g.t() @ xs
         if with_grad:
+            # the mean's 1/n once, in full precision: x / n in fp16 would fall below its range
+            dx.div_(n)
+            dw.div_(n)
             ctx.save_for_backward(dx, dw.to(weight.dtype))
         return total / n
 

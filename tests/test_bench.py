@@ -104,7 +104,7 @@ def test_bench_ce_sweep_times_every_chunk_count_and_marks_the_picked_one(tmp_pat
     assert sweep["rows"] == 48
     rows = {name: v["rows_per_chunk"] for name, v in sweep["variants"].items()}
     assert rows == {"plain": None, "1 chunk": 48, "2 chunks": 24, "4 chunks": 12, "8 chunks": 6,
-                    "16 chunks": 3, "32 chunks": 2}
+                    "16 chunks": 3, "24 chunks": 2}  # 32 asked for: 2 rows each make 24
     assert sweep["picked_chunks"] == -(-48 // chunk_rows(48, 50257, "cpu")) == 1
     assert sweep["picked"] == "1 chunk"
     assert all(v["step_s"] > 0 and v["peak_mem_bytes"] is None
@@ -112,6 +112,12 @@ def test_bench_ce_sweep_times_every_chunk_count_and_marks_the_picked_one(tmp_pat
     picked = [line for line in capsys.readouterr().out.splitlines() if "<- picked" in line]
     assert len(picked) == 1 and picked[0].startswith("1 chunk ")
     assert json.loads((tmp_path / "s.json").read_text())["gpt2"]["rows"] == 48
+    # 30 rows in 16 chunks of 2 rows would be 15 chunks: each variant is named by its count
+    sweep = bench.ce_sweep(tiny("--block_size=10", "--batch_size=3", "--rounds=1", "--steps=1"),
+                           "char", "cpu", "float32")
+    assert all(v["rows_per_chunk"] is None or name == f"{-(-30 // v['rows_per_chunk'])} chunk"
+               + "s" * (v["rows_per_chunk"] < 30) for name, v in sweep["variants"].items())
+    assert "15 chunks" in sweep["variants"] and "16 chunks" not in sweep["variants"]
     with pytest.raises(SystemExit) as stop:
         bench.main(["--ce_sweep=True", "--compile_probe=True"])
     assert stop.value.code == 2
@@ -307,7 +313,7 @@ def test_gpu_check_table_from_its_files(tmp_path):
     for what, value in [("bench terminal (gpt2)", "42.1 ms / 38.3% / 389,000"),
                         ("bench terminal / flat step time (gpt2)", "x1.012"),
                         ("bench generation", "812.5 / 301.0"),
-                        ("bench one exit's CE, 4 chunks (picked) / plain CE",
+                        ("bench one exit's CE (gpt2), 4 chunks (picked) / plain CE",
                          "30.86 / 28.33 ms, 3198.3 / 7789.5 MiB"),
                         ("train iter 300: val CE at loop K / ||h_K||", "5.4321 / 81.5"),
                         ("eval full-depth val PPL", "227.750"),

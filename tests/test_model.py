@@ -246,6 +246,45 @@ def test_readout_ce_equals_plain_autograd(rows):
     torch.testing.assert_close(lw, gw, rtol=1e-10, atol=1e-12)
 
 
+def test_readout_ce_fp16_over_a_large_batch_keeps_the_plain_precision():
+    """fp16 autocast over 16,384 rows, the loss scaled as a GradScaler scales it: ReadoutCE
+    makes its gradients in forward, where the scaler cannot help, so the mean's 1/n must not
+    enter an fp16 product (x / 16384 of a small x is subnormal in fp16). Its gradients stay
+    within plain autograd's relative error."""
+    from model import ReadoutCE, matmul_dtype
+    g = torch.Generator().manual_seed(0)
+    x = (0.05 * torch.randn(16384, 16, generator=g)).requires_grad_()
+    w = torch.randn(256, 16, generator=g, requires_grad=True)
+    t = torch.randint(256, (16384,), generator=g)
+    t[::7] = -1
+    exact = torch.autograd.grad(F.cross_entropy(x.double() @ w.double().t(), t, ignore_index=-1),
+                                (x, w))
+    scale = 2.0 ** 16
+    with torch.autocast("cpu", dtype=torch.float16):
+        plain = F.cross_entropy((x @ w.t()).float(), t, ignore_index=-1)
+        lean = ReadoutCE.apply(x, w, t, 4096, True, matmul_dtype(x))
+    for mine, theirs, ref in zip(torch.autograd.grad(scale * lean, (x, w)),
+                                 torch.autograd.grad(scale * plain, (x, w)), exact):
+        def rel(a):
+            return ((a.double() / scale - ref).norm() / ref.norm()).item()
+        assert rel(mine) <= 1.5 * rel(theirs), (rel(mine), rel(theirs))
+
+
+def test_readout_ce_of_no_rows_and_of_float64_under_autocast():
+    """An empty batch is one chunk of nothing (loss 0); float64, which autocast leaves alone,
+    keeps its float64 matmuls under autocast."""
+    from model import ReadoutCE, chunk_rows, matmul_dtype
+    assert chunk_rows(0, 50257, "cpu") >= 1
+    x, w, t = lean_ce_case()
+    empty = ReadoutCE.apply(x[:0], w, t[:0], chunk_rows(0, 11, "cpu"), False, x.dtype)
+    assert empty.item() == 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert matmul_dtype(x) == torch.float64
+        lean = ReadoutCE.apply(x, w, t, 6, True, matmul_dtype(x))
+    torch.testing.assert_close(lean, F.cross_entropy(x @ w.t(), t, ignore_index=-1),
+                               rtol=1e-12, atol=1e-12)
+
+
 def test_readout_ce_all_ignored_and_without_grad():
     from model import ReadoutCE
     x, w, t = lean_ce_case()
