@@ -222,6 +222,32 @@ def test_chunked_readout_ce_same_loss_and_gradients(readout, penalty):
         assert torch.allclose(g0[name], g1[name], atol=1e-12), name
 
 
+@pytest.mark.parametrize("gain", [True, False])
+def test_rmsnorm_cpu_backward_equals_torch_rmsnorm(gain):
+    """model.RMSNorm runs its hand-written backward on a CPU: the output and both gradients
+    equal torch's own F.rms_norm under autograd in float64, with eps given and with the dtype's
+    default, on rows of every scale (eps matters only on the tiny one)."""
+    from model import RMSNorm
+    g = torch.Generator().manual_seed(0)
+    for eps in (None, 1e-3):
+        norm = RMSNorm(16, eps=eps, elementwise_affine=gain).double()
+        if gain:
+            with torch.no_grad():
+                norm.weight.copy_(torch.randn(16, dtype=torch.float64, generator=g))
+        scale = torch.tensor([1e-2, 1.0, 30.0, 3000.0], dtype=torch.float64)[:, None, None]
+        x = (scale * torch.randn(4, 5, 16, dtype=torch.float64, generator=g)).requires_grad_()
+        up = torch.randn(4, 5, 16, dtype=torch.float64, generator=g)
+        y = norm(x)
+        assert type(y.grad_fn).__name__ == "RMSNormCPUBackward"  # the fast path is the one run
+        ref = F.rms_norm(x, (16,), norm.weight, eps)
+        wrt = (x, norm.weight) if gain else (x,)
+        mine = torch.autograd.grad((y * up).sum(), wrt)
+        theirs = torch.autograd.grad((ref * up).sum(), wrt)
+        torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+        for a, b in zip(mine, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def lean_ce_case(n=50, c=8, v=11, ignored=7, dtype=torch.float64):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, c, dtype=dtype, generator=g, requires_grad=True)
