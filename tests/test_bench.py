@@ -102,9 +102,13 @@ def test_bench_ce_sweep_times_every_chunk_count_and_marks_the_picked_one(tmp_pat
                       "--steps=1", "--warmup=0", "--rounds=1", f"--json={tmp_path}/s.json"])
     sweep = out["gpt2"]
     assert sweep["rows"] == 48
-    rows = {name: v["rows_per_chunk"] for name, v in sweep["variants"].items()}
-    assert rows == {"plain": None, "1 chunk": 48, "2 chunks": 24, "4 chunks": 12, "8 chunks": 6,
-                    "16 chunks": 3, "24 chunks": 2}  # 32 asked for: 2 rows each make 24
+    rows = {name: (v["rows_per_chunk"], v["vocab_rows"]) for name, v in sweep["variants"].items()}
+    assert rows == {"plain": (None, 50257), "1 chunk": (48, 50257), "2 chunks": (24, 50257),
+                    "4 chunks": (12, 50257), "8 chunks": (6, 50257), "16 chunks": (3, 50257),
+                    "24 chunks": (2, 50257),  # 32 asked for: 2 rows each make 24
+                    # plain and the picked count again, V rounded up to a multiple of 64
+                    "plain @50304": (None, 50304), "1 chunk @50304": (48, 50304)}
+    assert sweep["padded_vocab"] == 50304
     assert sweep["picked_chunks"] == -(-48 // chunk_rows(48, 50257, "cpu")) == 1
     assert sweep["picked"] == "1 chunk"
     assert all(v["step_s"] > 0 and v["peak_mem_bytes"] is None
@@ -115,8 +119,9 @@ def test_bench_ce_sweep_times_every_chunk_count_and_marks_the_picked_one(tmp_pat
     # 30 rows in 16 chunks of 2 rows would be 15 chunks: each variant is named by its count
     sweep = bench.ce_sweep(tiny("--block_size=10", "--batch_size=3", "--rounds=1", "--steps=1"),
                            "char", "cpu", "float32")
-    assert all(v["rows_per_chunk"] is None or name == f"{-(-30 // v['rows_per_chunk'])} chunk"
-               + "s" * (v["rows_per_chunk"] < 30) for name, v in sweep["variants"].items())
+    for name, v in sweep["variants"].items():
+        made = None if v["rows_per_chunk"] is None else -(-30 // v["rows_per_chunk"])
+        assert made is None or name.split(" @")[0] == f"{made} chunk" + "s" * (made > 1), name
     assert "15 chunks" in sweep["variants"] and "16 chunks" not in sweep["variants"]
     with pytest.raises(SystemExit) as stop:
         bench.main(["--ce_sweep=True", "--compile_probe=True"])
@@ -132,7 +137,7 @@ def test_bench_ce_sweep_on_a_standin_device(kind, monkeypatch):
     monkeypatch.setattr(bench, "synchronize", lambda device: synced.append(device))
     with standin(kind) as device:
         out = bench.ce_sweep(tiny("--rounds=1", "--steps=1"), "gpt2", device, "float32")
-    assert len(out["variants"]) == 1 + 6  # plain, 1..32 chunks of 32 rows
+    assert len(out["variants"]) == 1 + 6 + 2  # plain, 1..32 chunks of 32 rows, two padded
     assert synced and set(synced) == {device}
 
 
@@ -294,9 +299,16 @@ def test_gpu_check_table_from_its_files(tmp_path):
         "generation": {"cached": 812.5, "recompute": 301.0}}))
     variants = {"plain": {"step_s": 0.02833, "peak_mem_bytes": 7789.5 * 2**20},
                 "4 chunks": {"step_s": 0.03086, "peak_mem_bytes": 3198.3 * 2**20},
-                "8 chunks": {"step_s": 0.03178, "peak_mem_bytes": 1624.6 * 2**20}}
+                "8 chunks": {"step_s": 0.03178, "peak_mem_bytes": 1624.6 * 2**20},
+                "plain @50304": {"step_s": 0.02125, "peak_mem_bytes": 7800.0 * 2**20},
+                "4 chunks @50304": {"step_s": 0.02469, "peak_mem_bytes": 3200.0 * 2**20}}
     (tmp_path / "gpu_ce_sweep.json").write_text(json.dumps({"gpt2": {
-        "rows": 16384, "picked_chunks": 4, "picked": "4 chunks", "variants": variants}}))
+        "rows": 16384, "picked_chunks": 4, "picked": "4 chunks", "padded_vocab": 50304,
+        "variants": variants}}))
+    top = [["aten::mm", 61.04, 0.41, 120], ["aten::_log_softmax", 20.5, 0.14, 4],
+           ["aten::exp_", 9.96, 0.07, 16], ["aten::mul", 5.0, 0.03, 300]]
+    (tmp_path / "gpu_profile.json").write_text(json.dumps({"profiles": [
+        {"case": "dense", "vocab": "gpt2", "top_ops": top}]}))
     log = {"iter": 300, "val_loop_ce": [7.1, 6.2, 5.8, 5.4321], "hidden_norm": [10, 20, 40, 81.5],
            "tokens_per_sec": 250_000.0}
     (run_dir / "log.jsonl").write_text(json.dumps({**log, "iter": 150}) + "\n"
@@ -315,6 +327,10 @@ def test_gpu_check_table_from_its_files(tmp_path):
                         ("bench generation", "812.5 / 301.0"),
                         ("bench one exit's CE (gpt2), 4 chunks (picked) / plain CE",
                          "30.86 / 28.33 ms, 3198.3 / 7789.5 MiB"),
+                        ("bench one exit's CE, V padded to 50,304: plain, picked / unpadded",
+                         "x0.750, x0.800"),
+                        ("profile dense (gpt2): top ops, ms a step",
+                         "aten::mm 61.0, aten::_log_softmax 20.5, aten::exp_ 10.0"),
                         ("train iter 300: val CE at loop K / ||h_K||", "5.4321 / 81.5"),
                         ("eval full-depth val PPL", "227.750"),
                         ("eval calibrated mean loops", "3.21 of 4, PPL x1.0098"),
@@ -328,4 +344,4 @@ def test_gpu_check_table_from_its_files(tmp_path):
     (run_dir / "eval.json").write_text(json.dumps({"halting": {"token": {"logit_margin":
                                                                          halting}}}))
     assert bench.calibrated_exit(str(run_dir / "eval.json")) == "--exit_policy=max_prob"
-    assert bench.gpu_check_table(str(tmp_path / "nothing")).count(" -") == 6
+    assert bench.gpu_check_table(str(tmp_path / "nothing")).count(" -") == 7
