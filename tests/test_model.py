@@ -248,6 +248,43 @@ def test_rmsnorm_cpu_backward_equals_torch_rmsnorm(gain):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:Mismatch dtype")  # torch's own, on the mixed-dtype input
+def test_rmsnorm_cpu_second_derivatives_precision_and_fallbacks():
+    """The hand-written backward also differentiates (gradgradcheck), keeps its matmuls in
+    float32 when backward runs under bf16 autocast, gives the weight its gradient when x needs
+    none, and the inputs it does not take (a float64 x with float32 weights, a 2-D
+    normalized_shape) go to torch's own RMSNorm with the same result."""
+    from model import RMSNorm, RMSNormCPU
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, generator=g, requires_grad=True)
+    for weight in (w, None):
+        assert torch.autograd.gradgradcheck(lambda a, b: RMSNormCPU.apply(a, b, 1e-3),
+                                            (x, weight))
+    norm = RMSNorm(64)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64, generator=g))
+    x32 = torch.randn(32, 64, generator=g, requires_grad=True)
+    up = torch.randn(32, 64, generator=g)
+    exact = torch.autograd.grad((norm.double()(x32.double()) * up).sum(),
+                                (norm.weight,))[0].float()
+    norm.float()
+    y = norm(x32)
+    assert type(y.grad_fn).__name__ == "RMSNormCPUBackward"
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # backward inside autocast
+        (dw,) = torch.autograd.grad((y * up).sum(), (norm.weight,))
+    torch.testing.assert_close(dw, exact, rtol=1e-5, atol=1e-5)  # bf16 matmuls: off by ~1e-3
+    xs = x32.detach()  # no gradient wanted for x: the weight still gets its own
+    (dw,) = torch.autograd.grad((norm(xs) * up).sum(), (norm.weight,))
+    torch.testing.assert_close(dw, exact, rtol=1e-5, atol=1e-5)
+    mixed = norm(x32.detach().double())  # float32 weights, float64 input: torch's own path
+    assert type(mixed.grad_fn).__name__ != "RMSNormCPUBackward"
+    torch.testing.assert_close(mixed, F.rms_norm(x32.double(), (64,), norm.weight.double()))
+    plane = RMSNorm((4, 16))
+    z = torch.randn(2, 4, 16, generator=g)
+    torch.testing.assert_close(plane(z), F.rms_norm(z, (4, 16), plane.weight))
+
+
 def lean_ce_case(n=50, c=8, v=11, ignored=7, dtype=torch.float64):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, c, dtype=dtype, generator=g, requires_grad=True)
