@@ -281,15 +281,12 @@ def ce_sweep(cfg, vocab, device, dtype):
 
     def label(chunks):
         return f"{chunks} chunk{'s' if chunks > 1 else ''}"
-    variants = {"plain": (None, w)}
-    chunks = 1
-    while chunks <= min(N, 128):
-        rows = -(-N // chunks)
-        variants.setdefault(label(-(-N // rows)), (rows, w))  # named by the chunks rows make
-        chunks *= 2
     rows = chunk_rows(N, V, device.split(":")[0])
     picked = -(-N // rows)
-    variants.setdefault(label(picked), (rows, w))
+    sizes_tried = {-(-N // 2 ** i) for i in range(8) if 2 ** i <= N} | {rows}  # 1..128 chunks
+    variants = {"plain": (None, w)}
+    for size in sorted(sizes_tried, reverse=True):  # each named by the chunks its rows make
+        variants.setdefault(label(-(-N // size)), (size, w))
     if padded != V and padded - V < V / 100:
         # zero rows below: the softmax spans their zero logits too, which is the same work
         extra = torch.zeros(padded - V, n_embd, device=device)
@@ -313,7 +310,8 @@ def ce_sweep(cfg, vocab, device, dtype):
     pad_note = f"; @{padded}: V padded to {padded:,}" if f"plain @{padded}" in best else ""
     print(f"\none exit's CE at vocab {vocab} ({V:,}): {N:,} rows x {n_embd}, {device} {dtype}; "
           f"chunk_rows picks {label(picked)} here{pad_note}")
-    print(f"{'variant':<18} {'ms':>9} {'x plain':>8} {'peak MiB':>9}")
+    print(f"{'variant':<18} {'ms':>9} {'x plain':>8} {'peak MiB':>9}"
+          f"{'' if cuda else '  (peak memory: measured on CUDA only)'}")
     for name, r in best.items():
         note = "  <- picked" if name == label(picked) else ""
         ratio = r["step_s"] / best["plain"]["step_s"]

@@ -241,7 +241,9 @@ def load_data(data_dir, dataset, block_size):
             cmd += f" --tokenizer={tok}"
         if not dataset.startswith("shakespeare_"):
             cmd += f" --input=YOUR_FILES --name={dataset}"
-        die(f"no training data in {path}/ (train.bin, meta.json); make it with: {cmd}")
+        if Path(data_dir) != Path("data"):  # prepare.py writes under data/ unless told
+            cmd += f" --data_dir={data_dir}"
+        die(f"no data in {path}/ (train.bin, meta.json); make it with: {cmd}")
     redo = f"prepare it again (python prepare.py ... --name={dataset})"
     try:
         meta = json.loads((path / "meta.json").read_bytes())

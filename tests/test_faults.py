@@ -98,7 +98,7 @@ def test_prepare_killed_between_files_leaves_no_mismatched_meta(data_dir, tmp_pa
         os.replace = real_replace
     assert not (folder / "meta.json").exists()
     p = run("train.py", *train_args(tmp_path / "d", tmp_path / "out", dataset="re"))
-    one_line_error(p, 1, "no training data", "prepare.py")
+    one_line_error(p, 1, "no data in", "prepare.py")
 
 
 @pytest.mark.parametrize("text,words", [

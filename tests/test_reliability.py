@@ -28,10 +28,16 @@ def assert_clear_error(p, *words):
 
 # ---- bad input (1-3 and 10-11 are in test_train.py / test_eval.py) ---------------------------
 
-def test_missing_training_data_names_the_prepare_command(tmp_path):
+def test_missing_training_data_names_the_prepare_command_that_makes_it(tmp_path):
     p = run("train.py", f"--data_dir={tmp_path}", "--dataset=shakespeare_gpt2",
             f"--out_dir={tmp_path}/o")
-    assert_clear_error(p, "no training data", "python prepare.py --tokenizer=gpt2")
+    assert_clear_error(p, "no data in",
+                       f"python prepare.py --tokenizer=gpt2 --data_dir={tmp_path}")
+    p = run("train.py", f"--data_dir={tmp_path}", f"--out_dir={tmp_path}/o")
+    cmd = p.stderr.split("make it with: ")[1].split()  # run the advice: the data is then there
+    assert cmd[:2] == ["python", "prepare.py"]
+    assert run(*cmd[1:]).returncode == 0
+    assert (tmp_path / "shakespeare_char" / "train.bin").is_file()
 
 
 @pytest.fixture(scope="module")
