@@ -148,13 +148,18 @@ print(sorted(faults[4:])[8])  # the median step after warm-up
 def test_freed_activations_are_reused_not_page_faulted_back():
     """keep_freed_memory: a typical step of a looped layer stops page-faulting fresh memory in
     for its activations (median step here: 1,100-2,000 faults without it, 0 with it)."""
-    faults = {}
-    for mode in ("plain", "keep"):
+    def faults_per_step(mode):
         out = subprocess.run([sys.executable, "-c", FAULTS_PER_STEP, mode], cwd=ROOT,
                              capture_output=True, text=True, check=True)
-        faults[mode] = int(out.stdout)
-    assert faults["plain"] > 512, faults  # without it: at least one [8, 128, 512] block a step
-    assert faults["keep"] < 64, faults
+        return int(out.stdout)
+    # Without it, glibc's own heuristics decide; about 1 process in 10 here settles with no
+    # faults by luck, so plain gets three tries to show them, and keep must hold in two.
+    plain = [faults_per_step("plain")]
+    while plain[-1] <= 512 and len(plain) < 3:
+        plain.append(faults_per_step("plain"))
+    assert max(plain) > 512, plain  # without it: at least one [8, 128, 512] block a step
+    keep = [faults_per_step("keep") for _ in range(2)]
+    assert max(keep) < 64, keep
 
 
 def test_every_model_knob_reaches_help_banner_and_log(data_dir, tmp_path, capsys):
