@@ -585,8 +585,7 @@ def report(results, vocab, peak_flops, rounds=None):
 
 GPU_CHECK_FILES = {  # under gpu_check.sh's out folder
     "bench": "gpu_bench.json", "sweep": "gpu_ce_sweep.json", "profile": "gpu_profile.json",
-    "log": "gpu_44m/log.jsonl",
-    "eval": "gpu_44m/eval.json",
+    "log": "gpu_44m/log.jsonl", "eval": "gpu_44m/eval.json",
     "fixed": "gpu_sample_fixed.txt", "adaptive": "gpu_sample_adaptive.txt"}
 SAMPLE_LOOPS = "mean loops per generated token:"  # sample.py's last line
 
