@@ -62,7 +62,7 @@ def config_options(config_class, skip=()):
     model knob is declared once, in model.py, and appears in --help and the checks."""
     from dataclasses import fields
     return {f.name: (f.default, f.metadata["about"], check(f.metadata["accepted"],
-                                                          f.metadata["ok"]))
+                                                          f.metadata["ok"], f.metadata["bad"]))
             for f in fields(config_class) if f.name not in skip}
 
 

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from configurator import DEVICE, NONEMPTY, at_least, check, device_or_exit, error, one_of, parse
 from device import autocast, keep_freed_memory, pick_dtype, synchronize
-from model import EXIT_POLICIES, READOUTS, exit_score, exits, strict_to_loose
+from model import EXIT_POLICIES, exit_score, exits, strict_to_loose
 from prepare import load_tokenizer
 from rundir import atomic_write_text, die, eval_seed, get_batch, load_checkpoint, load_data
 from rundir import model_from_checkpoint, writable_folder
@@ -297,23 +297,12 @@ def all_states(model, batches, dtype="float32"):
                                                       leave=False)]
 
 
-def cpu_readout(model, loop):
-    """model.readout(., loop) in float64 on the CPU, for a float64 CPU state: copies of the LM
-    head and, when this loop's readout hides the scale, of ln_f. Only these two are copied
-    (not the model), and not on the device: MPS has no float64."""
-    w = model.lm_head.weight.detach().cpu().double()
-    if not READOUTS[model.config.readout].hides_scale(loop, model.config.n_loops):
-        return lambda h: F.linear(h, w)
-    g = model.ln_f.weight.detach().cpu().double()
-    return lambda h: F.linear(F.rms_norm(h, g.shape, g, model.ln_f.eps), w)
-
-
 def lemma1(model, batches, states=None, dtype="float32", chunk_elems=2 ** 24):
     """Lemma 1 on this checkpoint: per token, |cos(dCE/dh_K, h_K)|, with the readout in float64
     on the CPU (the loops run as trained). Zero up to rounding for a scale-invariant last
     readout; clearly non-zero for a scale-visible one."""
     K = model.config.n_loops
-    readout = cpu_readout(model, K)
+    readout = model.readout_copy("cpu", torch.float64)  # the model's own decode, in float64
     rows = max(1, chunk_elems // model.config.vocab_size)  # float64 [rows, V] logits at a time
     cos = []
     for (_, y), hs in zip(batches, states or all_states(model, batches, dtype)):
@@ -322,7 +311,7 @@ def lemma1(model, batches, states=None, dtype="float32", chunk_elems=2 ** 24):
         # taken in row chunks (a GPT-2 vocabulary's [B*T, V] float64 logits are ~7 GB)
         for hc, yc in zip(h.split(rows), y.split(rows)):
             hc = hc.detach().requires_grad_(True)
-            ce = F.cross_entropy(readout(hc), yc, reduction="sum") / len(h)
+            ce = F.cross_entropy(readout(hc, K), yc, reduction="sum") / len(h)
             (g,) = torch.autograd.grad(ce, hc)
             cos.append(F.cosine_similarity(g, hc, dim=-1).abs())
     cos = torch.cat(cos)

@@ -10,15 +10,16 @@ gradient of the loss is orthogonal to h_k and nothing in the loss controls ||h_k
 every pre-norm residual layer adds to h, so the norm grows loop after loop (see `readout`).
 
 The paper's four knobs, each described once below (READOUTS, SUPERVISIONS, LoopedGPTConfig):
-  readout       how h_k is decoded: through RMSNorm (scale hidden: the blind spot) or not (fix 1)
+  readout       how h_k is decoded: through RMSNorm (scale hidden: the blind spot), raw (fix 1),
+                RMSNorm at the last loop only, or the alpha readout in between
   supervision   which exits the loss trains: all K (dense) or the last one
   norm_penalty  lambda > 0 adds lambda * mean_k mean(h_k^2) to the loss (fix 2)
   loop_norm     RMSNorm the state between loops: scale-removing recurrence (fix 3)
 
 Read in order: READOUTS and SUPERVISIONS, LoopedGPTConfig, Layer, LoopedGPT.loop / loop_states,
-LoopedGPT.readout (the blind spot), LoopedGPT.forward (the losses). After the mechanism: the
-early-exit scores that eval.py and sample.py use, then speed: RMSNorm with a faster CPU backward
-and a memory-lean cross-entropy for large vocabularies.
+LoopedGPT.readout (the blind spot), LoopedGPT.forward (the losses), AlphaReadout. After the
+mechanism: the early-exit scores that eval.py and sample.py use, then speed: RMSNorm with a
+faster CPU backward and a memory-lean cross-entropy for large vocabularies.
 """
 
 import math
@@ -31,18 +32,46 @@ import torch.nn.functional as F
 
 # ---- the readouts and supervisions, each described once -----------------------------------
 # Every script, label and test reads these tables; adding a readout or a supervision is one
-# entry here. `loop` runs from 1 and may exceed K (eval.py decodes loops K+1..2K, sample.py
+# entry here. `loop` runs from 1 and may exceed K (eval.py decodes loops up to 3K, sample.py
 # runs any --n_loops), so each rule must say what it does there.
 
-Readout = namedtuple("Readout", "about hides_scale")
+# A readout is what the LM head sees of the state h_k. Each entry IS the readout:
+#   norm(cfg)                  the module it owns (a norm's gain, alpha's parameters), or None:
+#                              the model makes it once, as model.readout_norm
+#   decode(norm, h, loop, K)   what the LM head sees at loop `loop` of a run of K loops; every
+#                              consumer (training, evaluation, generation, Lemma 1) calls this
+#   hides_scale(cfg, loop, K)  does decode see h and c*h (c > 0) alike? A declaration, which
+#                              tests/test_model.py checks against the behaviour for every entry
+Readout = namedtuple("Readout", "about norm decode hides_scale")
+
+
+def readout_rmsnorm(cfg):
+    """The readout's RMSNorm, with a learned gain (the paper's decode norm)."""
+    return RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+
+
 READOUTS = {
-    # hides_scale(loop, K): does the LM head see RMSNorm(h_loop), which is blind to ||h||?
-    "rmsnorm": Readout("lm_head(RMSNorm(h)) at every loop: scale-invariant, the blind spot",
-                       lambda loop, K: True),
-    "scale_visible": Readout("lm_head(h) at every loop: the loss sees the scale (fix 1)",
-                             lambda loop, K: False),
-    "final_only": Readout("scale-visible at every loop but the trained last one, K, which is "
-                          "RMSNorm'd", lambda loop, K: loop == K),
+    "rmsnorm": Readout(
+        "lm_head(RMSNorm(h)) at every loop: scale-invariant, the blind spot",
+        norm=readout_rmsnorm,
+        decode=lambda norm, h, loop, K: norm(h),
+        hides_scale=lambda cfg, loop, K: True),
+    "scale_visible": Readout(
+        "lm_head(h) at every loop: the loss sees the scale (fix 1)",
+        norm=None,
+        decode=lambda norm, h, loop, K: h,
+        hides_scale=lambda cfg, loop, K: False),
+    "final_only": Readout(
+        "scale-visible at every loop but the last one, K, which is RMSNorm'd",
+        norm=readout_rmsnorm,
+        decode=lambda norm, h, loop, K: norm(h) if loop == K else h,
+        hides_scale=lambda cfg, loop, K: loop == K),
+    "alpha": Readout(
+        "lm_head(gamma(s) u) with s = RMS(h), u = h / s, gamma = s_ref^(1-alpha) s^alpha: "
+        "alpha 0 hides the scale, alpha 1 is scale_visible (see the readout_* knobs)",
+        norm=lambda cfg: AlphaReadout(cfg),
+        decode=lambda norm, h, loop, K: norm(h, loop),
+        hides_scale=lambda cfg, loop, K: cfg.readout_alpha == 0 and not cfg.readout_alpha_learned),
 }
 
 Supervision = namedtuple("Supervision", "about weight")
@@ -55,17 +84,42 @@ SUPERVISIONS = {
                             lambda loop, K: float(loop == K)),
 }
 
+
+def loss_weights(supervision, K):
+    """The supervision's weights w_1..w_K for a run of K loops: each finite and >= 0, one > 0
+    (else a one-line ValueError naming the entry)."""
+    try:
+        weights = [float(SUPERVISIONS[supervision].weight(k, K)) for k in range(1, K + 1)]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"supervision {supervision!r}: its weight(loop, K) failed for K={K} "
+                         f"({e}); it must return a number") from None
+    if not all(0 <= w < math.inf for w in weights) or not any(w > 0 for w in weights):
+        raise ValueError(f"supervision {supervision!r} gives the weights {weights} for K={K} "
+                         f"loops; each must be a finite number >= 0, and one must be > 0")
+    return weights
+
+
 READOUT_CES = ("auto", "chunked", "plain")
+INITS = ("torch", "gpt2")
+S_REFS = ("ema", "fixed", "learned")
 
 
-def knob(default, about, accepted, ok):
-    """A config field with its one-line help, the accepted values in words and their check.
-    train.py's --help, its checks and its banner are built from these."""
-    return field(default=default, metadata={"about": about, "accepted": accepted, "ok": ok})
+def knob(default, about, accepted, ok, bad, applies=None):
+    """A config field with its one-line help, the accepted values in words, their check, some
+    values the check must refuse (tests/test_options.py tries each on the command line and in
+    Python) and, for a knob of one readout or of the loop norm, the (field, value) it applies
+    with: set to anything but its default with another, it is refused. train.py's --help, its
+    checks and its banner are built from these."""
+    return field(default=default, metadata={"about": about, "accepted": accepted, "ok": ok,
+                                            "bad": list(bad), "applies": applies})
 
 
 def _positive_int(v):
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _flag(v):
+    return isinstance(v, bool)
 
 
 def _names(table):
@@ -77,57 +131,110 @@ def _described(table):
     return "; ".join(f"{name}: {entry.about}" for name, entry in table.items())
 
 
+ALPHA = ("readout", "alpha")  # the knobs that apply to the alpha readout only
+
+
 @dataclass
 class LoopedGPTConfig:
-    # The defaults are the paper's 44M model (config/ holds the presets).
+    # The defaults are the paper's 44M model, with its official code's values (config/ holds
+    # the presets).
     vocab_size: int = knob(50304, "tokens in the vocabulary (train.py takes it from the data)",
-                           "an integer >= 1", _positive_int)
-    block_size: int = knob(256, "sequence length (positions)", "an integer >= 1", _positive_int)
+                           "an integer >= 1", _positive_int, [0, -5])
+    block_size: int = knob(256, "sequence length (positions)", "an integer >= 1",
+                           _positive_int, [0, -1])
     n_layer: int = knob(8, "layers in the block that is looped", "an integer >= 1",
-                        _positive_int)
-    n_head: int = knob(8, "attention heads", "an integer >= 1", _positive_int)
+                        _positive_int, [0])
+    n_head: int = knob(8, "attention heads", "an integer >= 1", _positive_int, [0])
     n_embd: int = knob(512, "width of the hidden state h_k (a multiple of n_head)",
-                       "an integer >= 1", _positive_int)
+                       "an integer >= 1", _positive_int, [0, -8])
     n_loops: int = knob(4, "K: how many times the block is applied", "an integer >= 1",
-                        _positive_int)
+                        _positive_int, [0, -2])
     readout: str = knob("rmsnorm", "how h_k is decoded. " + _described(READOUTS),
-                        _names(READOUTS), lambda v: v in READOUTS)
+                        _names(READOUTS), lambda v: v in READOUTS, ["", "no such readout"])
     loop_norm: bool = knob(False, "RMSNorm the state between loops (scale-removing recurrence)",
-                           "True | False", lambda v: isinstance(v, bool))
+                           "True | False", _flag, [1, "True"])
     supervision: str = knob("per_loop", "which exits the loss trains. " +
                             _described(SUPERVISIONS), _names(SUPERVISIONS),
-                            lambda v: v in SUPERVISIONS)
+                            lambda v: v in SUPERVISIONS, ["", "no such supervision"])
     norm_penalty: float = knob(0.0, "lambda: adds lambda * mean_k mean(h_k^2) to the loss "
                                "(paper: 0.01)", "a finite number >= 0",
-                               lambda v: 0 <= v < math.inf)  # NaN fails both comparisons
-    dropout: float = knob(0.0, "dropout rate (paper: 0.1)", "a number in [0, 1)",
-                          lambda v: 0 <= v < 1)
-    bias: bool = knob(False, "biases in Linear layers", "True | False",
-                      lambda v: isinstance(v, bool))
+                               lambda v: 0 <= v < math.inf,  # NaN fails both comparisons
+                               [-0.01, -1.0])
+    # the alpha readout's knobs (the paper's defaults: alpha learned from 0.5, s_ref an EMA)
+    readout_alpha: float = knob(0.5, "alpha readout: alpha (its start when learned); 0 hides "
+                                "the scale, 1 shows it whole", "a number in [0, 1]",
+                                lambda v: 0 <= v <= 1, [-0.1, 1.5], ALPHA)
+    readout_alpha_learned: bool = knob(True, "alpha readout: learn alpha (a sigmoid of a "
+                                       "parameter) or keep it fixed", "True | False", _flag,
+                                       [1, "yes"], ALPHA)
+    readout_s_ref: str = knob("ema", "alpha readout: s_ref is an EMA (decay 0.99) of the "
+                              "batch's mean log RMS(h) in training, fixed at 1, or learned",
+                              " | ".join(S_REFS), lambda v: v in S_REFS, ["", "mean"], ALPHA)
+    readout_alpha_per_loop: bool = knob(False, "alpha readout: one alpha and s_ref per loop "
+                                        "(loops past K use loop K's)", "True | False", _flag,
+                                        [0, "no"], ALPHA)
+    loop_norm_gain: bool = knob(True, "a learned gain on the between-loop RMSNorm (the "
+                                "paper's)", "True | False", _flag, [1, "True"],
+                                ("loop_norm", True))
+    # the recipe
+    init: str = knob("torch", "initial weights: torch (PyTorch's defaults, the paper's: "
+                     "embeddings and the tied head N(0, 1), Linear kaiming-uniform, gains 1) or "
+                     "gpt2 (N(0, 0.02), residual projections / sqrt(2 n_layer K))",
+                     " | ".join(INITS), lambda v: v in INITS, ["", "xavier"])
+    norm_eps: float = knob(1e-6, "eps of every RMSNorm (paper: 1e-6)", "a finite number > 0",
+                           lambda v: 0 < v < math.inf, [0.0, -1e-6])
+    dropout: float = knob(0.0, "dropout on the embeddings, the attention probabilities and the "
+                          "SwiGLU output (paper: 0.1)", "a number in [0, 1)",
+                          lambda v: 0 <= v < 1, [-0.1, 1.0, 1.5])
+    bias: bool = knob(False, "biases in Linear layers", "True | False", _flag, [0, "no"])
     # "chunked" never keeps an exit's [B, T, V] logits (ReadoutCE); "plain" is ordinary
     # autograd; "auto" is chunked for vocabularies of 8192 and more, where those dominate memory
     readout_ce: str = knob("auto", "CE of loops < K: chunked (memory-lean), plain, or auto "
                            "(chunked for vocabularies >= 8192)", " | ".join(READOUT_CES),
-                           lambda v: v in READOUT_CES)
+                           lambda v: v in READOUT_CES, ["", "fast"])
 
     def __post_init__(self):
-        for f in fields(self):
-            value = getattr(self, f.name)
-            try:
-                ok = f.metadata["ok"](value)
-            except TypeError:  # a string where a number belongs, say
-                ok = False
-            if not ok:
-                raise ValueError(f"LoopedGPTConfig.{f.name}={value!r} is invalid; accepted: "
-                                 f"{f.metadata['accepted']}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"LoopedGPTConfig.n_embd={self.n_embd} is invalid; accepted: a "
-                             f"multiple of n_head={self.n_head}")
+        why = config_error(vars(self), "")
+        if why:
+            raise ValueError(f"LoopedGPTConfig: {why}")
 
     def trained_loops(self):
         """The exits the loss trains, 1..K (the others are only measured)."""
-        weight = SUPERVISIONS[self.supervision].weight
-        return [k for k in range(1, self.n_loops + 1) if weight(k, self.n_loops) > 0]
+        weights = loss_weights(self.supervision, self.n_loops)
+        return [k for k, w in enumerate(weights, start=1) if w > 0]
+
+
+def config_error(values, flag):
+    """The first thing wrong with these knob values ({field: value}, every field), in one line,
+    or None. `flag` goes before a knob's name: "--" on the command line."""
+    for f in fields(LoopedGPTConfig):
+        value = values[f.name]
+        try:
+            ok = f.metadata["ok"](value)
+        except TypeError:  # a string where a number belongs, say
+            ok = False
+        if not ok:
+            return f"{flag}{f.name}={value!r} is invalid; accepted: {f.metadata['accepted']}"
+    if values["n_embd"] % values["n_head"]:
+        return (f"{flag}n_embd={values['n_embd']} is invalid; accepted: a multiple of "
+                f"{flag}n_head={values['n_head']}")
+    for f in fields(LoopedGPTConfig):
+        if values[f.name] != f.default and not knob_applies(f.name, values):
+            owner, value = f.metadata["applies"]
+            return (f"{flag}{f.name}={values[f.name]!r} applies only with {flag}{owner}={value}; "
+                    f"drop it, or set {flag}{owner}={value}")
+    try:
+        loss_weights(values["supervision"], values["n_loops"])
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def knob_applies(name, values):
+    """Does this knob mean anything with these values? (readout_alpha only with the alpha
+    readout, say.) Banners and labels show only the knobs that do."""
+    applies = LoopedGPTConfig.__dataclass_fields__[name].metadata["applies"]
+    return applies is None or values.get(applies[0]) == applies[1]
 
 
 # ---- the block of layers that every loop applies -------------------------------------------
@@ -136,10 +243,9 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_head = cfg.n_head
-        self.dropout = cfg.dropout
+        self.dropout = cfg.dropout  # on the attention probabilities, not after the projection
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, kv_cache=None):
         B, T, C = x.shape
@@ -151,7 +257,7 @@ class CausalSelfAttention(nn.Module):
         # a whole sequence is causal; one new token attends to everything cached before it
         y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return self.c_proj(y)
 
 
 class SwiGLU(nn.Module):
@@ -173,9 +279,10 @@ class Layer(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.ln_1 = RMSNorm(cfg.n_embd)  # nn.RMSNorm, with a faster CPU backward (end of file)
+        # nn.RMSNorm, with a faster CPU backward (end of file)
+        self.ln_1 = RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = RMSNorm(cfg.n_embd)
+        self.ln_2 = RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
     def forward(self, x, kv_cache=None):
@@ -194,30 +301,26 @@ class LoopedGPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.block = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_layer))  # shared by all loops
         # Only the modules a configuration uses exist: no parameter that nothing trains.
-        hides_scale = READOUTS[cfg.readout].hides_scale
-        self.ln_f = None
-        if any(hides_scale(k, cfg.n_loops) for k in range(1, cfg.n_loops + 1)):
-            self.ln_f = RMSNorm(cfg.n_embd)
+        entry = READOUTS[cfg.readout]
+        self.readout_norm = entry.norm(cfg) if entry.norm else None
         self.loop_rmsnorm = None
-        if cfg.loop_norm:  # no gain: the point is to remove the scale, not to learn one
-            self.loop_rmsnorm = RMSNorm(cfg.n_embd, elementwise_affine=False)
+        if cfg.loop_norm:
+            self.loop_rmsnorm = RMSNorm(cfg.n_embd, eps=cfg.norm_eps,
+                                        elementwise_affine=cfg.loop_norm_gain)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.wte.weight = self.lm_head.weight  # tied embedding / LM head
+        self.lm_head.weight = self.wte.weight  # tied: the head is the embedding's matrix
         self.chunked_ce = cfg.readout_ce == "chunked" or (
             cfg.readout_ce == "auto" and cfg.vocab_size >= 8192)
-        self.apply(self._init_weights)
-        # GPT-2 scales residual projections by 1/sqrt(2 * depth); the effective depth of a
-        # looped model is n_layer * n_loops residual layers, so that is the depth used.
-        residual_std = 0.02 / math.sqrt(2 * cfg.n_layer * cfg.n_loops)
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=residual_std)
-
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+        if cfg.init == "gpt2":
+            self.apply(gpt2_init)
+            # GPT-2 scales residual projections by 1/sqrt(2 * depth); the effective depth of a
+            # looped model is n_layer * n_loops residual layers, so that is the depth used.
+            residual_std = 0.02 / math.sqrt(2 * cfg.n_layer * cfg.n_loops)
+            for name, p in self.named_parameters():
+                if name.endswith("c_proj.weight"):
+                    nn.init.normal_(p, mean=0.0, std=residual_std)
+        # init "torch": every module keeps PyTorch's default, as the paper's code does; h_0 then
+        # starts at an RMS of about sqrt(2) (two N(0, 1) embeddings), not about 0.03
 
     def get_num_params(self, non_embedding=True):
         n = sum(p.numel() for p in self.parameters())
@@ -236,7 +339,7 @@ class LoopedGPT(nn.Module):
     def loop(self, h, k, kv_caches=None):
         """Loop k (1-based): the state h_{k-1} in, h_k out, through the same layers every time."""
         if k > 1 and self.loop_rmsnorm is not None:
-            h = self.loop_rmsnorm(h)  # fix 3: every loop starts from unit RMS
+            h = self.loop_rmsnorm(h)  # fix 3: every loop starts from the same RMS
         for i, layer in enumerate(self.block):
             h = layer(h, None if kv_caches is None else kv_caches[i])
         return h
@@ -250,18 +353,33 @@ class LoopedGPT(nn.Module):
             states.append(h)
         return states
 
-    def readout(self, h, loop):
-        """Logits of the state h after loop `loop` (1-based), through the tied LM head."""
+    def readout(self, h, loop, n_loops=None):
+        """Logits of the state h after loop `loop` (1-based), through the tied LM head. The rule
+        of a run of n_loops loops (default: the trained K, so that loop k < K is an early exit
+        of the trained model; eval.py's variable depth decodes a run of K' loops as its own)."""
         # THE BLIND SPOT. RMSNorm(c*h) = RMSNorm(h) for any c > 0, so f(c h) = f(h) and
         # d/dc L(c h) at c=1 is <dL/dh, h> = 0: the loss never pushes on the norm of h_k,
         # while every pre-norm residual layer keeps adding to it. lm_head(h) sees the scale.
-        return self.lm_head(self.readout_input(h, loop))
+        return self.lm_head(self.readout_input(h, loop, n_loops))
 
-    def readout_input(self, h, loop):
-        """What the LM head sees at this loop: RMSNorm(h) (scale hidden) or h (scale visible)."""
-        cfg = self.config
-        hides_scale = READOUTS[cfg.readout].hides_scale(loop, cfg.n_loops)
-        return self.ln_f(h) if hides_scale else h
+    def readout_input(self, h, loop, n_loops=None):
+        """What the LM head sees at this loop: the readout's decode (READOUTS)."""
+        K = n_loops or self.config.n_loops
+        return READOUTS[self.config.readout].decode(self.readout_norm, h, loop, K)
+
+    def readout_copy(self, device="cpu", dtype=torch.float64):
+        """The readout as a function (h, loop) -> logits, on copies of its weights moved to
+        `device` in `dtype`: Lemma 1 decodes in float64 on the CPU (MPS has no float64). The same
+        decode as `readout` calls, not a second implementation of it."""
+        entry = READOUTS[self.config.readout]
+        norm = None
+        if entry.norm:  # a fresh one of the same kind, holding these weights (through the CPU)
+            norm = entry.norm(self.config)
+            norm.load_state_dict({k: v.cpu() for k, v in self.readout_norm.state_dict().items()})
+            norm = norm.to(device, dtype).eval()
+        w = self.lm_head.weight.detach().cpu().to(device, dtype)
+        K = self.config.n_loops
+        return lambda h, loop: F.linear(entry.decode(norm, h, loop, K), w)
 
     def forward(self, idx, targets=None, n_loops=None, all_exits=None, return_logits=True):
         """Run n_loops loops (default K). Returns (logits, loss, stats):
@@ -284,7 +402,7 @@ class LoopedGPT(nn.Module):
         if targets is None:  # inference: only the last position of the last loop is decoded
             return self.readout(states[-1][:, [-1], :], K), None, stats
 
-        weights = [SUPERVISIONS[cfg.supervision].weight(k, K) for k in range(1, K + 1)]
+        weights = loss_weights(cfg.supervision, K)
         ces = []
         for k, h in enumerate(states[:-1], start=1):
             if weights[k - 1] > 0:
@@ -294,6 +412,9 @@ class LoopedGPT(nn.Module):
                     ces.append(self.early_exit_ce(h, k, targets))
             else:
                 ces.append(torch.full((), float("nan"), device=idx.device))
+                track = getattr(self.readout_norm, "track", None)
+                if self.training and track:  # a readout that keeps statistics sees every
+                    track(h, k)              # loop, as when every exit is decoded
         if return_logits or not self.chunked_ce:
             logits = self.readout(states[-1], K)
             ces.append(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1))
@@ -322,12 +443,17 @@ class LoopedGPT(nn.Module):
 
     # ---- training helpers (as in nanoGPT) ---------------------------------------------------
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type,
+                             decay="all"):
+        """AdamW. decay: "all" parameters (the paper's code: AdamW over model.parameters()) or
+        "matrices" (nanoGPT's: matrices and embeddings, not gains or biases)."""
         params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]  # matrices and embeddings; not norms, biases
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+        if decay == "all":
+            groups = [{"params": params, "weight_decay": weight_decay}]
+        else:
+            groups = [{"params": [p for p in params if p.dim() >= 2],
+                       "weight_decay": weight_decay},
+                      {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         # fused AdamW: one kernel for all parameters, CUDA only
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas,
                                  fused=device_type == "cuda")
@@ -343,6 +469,78 @@ class LoopedGPT(nn.Module):
         attention = 12 * cfg.n_layer * cfg.n_loops * cfg.n_embd * cfg.block_size
         readouts = 6 * cfg.vocab_size * cfg.n_embd * n_readouts
         return layers + attention + readouts
+
+
+def gpt2_init(module):
+    """GPT-2's initialization: N(0, 0.02) for Linear and Embedding weights, zero biases."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+# ---- the alpha readout: between RMSNorm and the raw readout ---------------------------------
+
+class AlphaReadout(nn.Module):
+    """gamma(s) * u per token, with s = RMS(h), u = h / s and gamma(s) = s_ref^(1-alpha) s^alpha.
+    alpha = 0 gives s_ref * u: RMSNorm without a gain, blind to the scale. alpha = 1 gives
+    s * u = h: the raw readout. In between the loss sees s^alpha. No per-channel gain.
+    alpha is fixed, or learned as a sigmoid of a parameter; s_ref is fixed at 1, learned, or an
+    EMA of the batch's mean log s over training steps (a buffer: saved in the checkpoint, moved
+    only in training mode). With readout_alpha_per_loop each loop has its own alpha and s_ref;
+    loops past K use loop K's."""
+
+    EMA_DECAY = 0.99
+
+    def __init__(self, cfg):
+        super().__init__()
+        n = cfg.n_loops if cfg.readout_alpha_per_loop else 1
+        self.eps = cfg.norm_eps
+        if cfg.readout_alpha_learned:
+            a = min(max(cfg.readout_alpha, 1e-4), 1 - 1e-4)  # a sigmoid never reaches 0 or 1
+            self.alpha_logit = nn.Parameter(torch.full((n,), math.log(a / (1 - a))))
+        else:
+            self.register_buffer("alpha_fixed", torch.full((n,), float(cfg.readout_alpha)))
+        self.ema = cfg.readout_s_ref == "ema"
+        if cfg.readout_s_ref == "learned":
+            self.log_s_ref = nn.Parameter(torch.zeros(n))
+        else:
+            self.register_buffer("log_s_ref", torch.zeros(n))  # s_ref = 1 until the EMA moves
+        if self.ema:
+            self.register_buffer("ema_steps", torch.zeros(n, dtype=torch.long))
+
+    def alpha(self):
+        """alpha per loop (one value unless readout_alpha_per_loop)."""
+        if hasattr(self, "alpha_logit"):
+            return torch.sigmoid(self.alpha_logit)
+        return self.alpha_fixed
+
+    def forward(self, h, loop):
+        i = min(loop, len(self.log_s_ref)) - 1
+        s = h.pow(2).mean(dim=-1, keepdim=True).sqrt().clamp(min=self.eps)
+        log_s = s.log()
+        if self.training:
+            self.track(h, loop, log_s)
+        log_s_ref = self.log_s_ref[i]
+        if not log_s_ref.requires_grad:  # a copy: the next loop's EMA step writes the buffer
+            log_s_ref = log_s_ref.clone()
+        alpha = self.alpha()[i]
+        gamma = torch.exp((1 - alpha) * log_s_ref + alpha * log_s)
+        return gamma * (h / s)
+
+    @torch.no_grad()
+    def track(self, h, loop, log_s=None):
+        """One EMA step of s_ref towards this batch's mean log RMS(h) (the first step takes it)."""
+        if not self.ema:
+            return
+        i = min(loop, len(self.log_s_ref)) - 1
+        if log_s is None:
+            log_s = h.pow(2).mean(dim=-1).sqrt().clamp(min=self.eps).log()
+        mean = log_s.mean(dtype=torch.promote_types(log_s.dtype, torch.float32))
+        mean = mean.to(self.log_s_ref.dtype)
+        moved = self.EMA_DECAY * self.log_s_ref[i] + (1 - self.EMA_DECAY) * mean
+        self.log_s_ref[i] = torch.where(self.ema_steps[i] == 0, mean, moved)
+        self.ema_steps[i] += 1
 
 
 # ---- early exit: how sure is a readout? (eval.py's halting, sample.py's adaptive depth) ----

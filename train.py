@@ -25,7 +25,7 @@ from configurator import DEVICE, NONEMPTY, at_least, between, check, config_opti
 from configurator import device_or_exit, one_of, parse
 from device import autocast, ddp_device, keep_freed_memory, pick_dtype, rng_state
 from device import set_rng_state
-from model import LoopedGPT, LoopedGPTConfig
+from model import LoopedGPT, LoopedGPTConfig, config_error, knob_applies
 from rundir import MODEL_KEYS, append_log, atomic_save, die, disk_error, eval_seed, get_batch
 from rundir import load_checkpoint, load_data, lock_folder, model_config, model_from_checkpoint
 from rundir import resume_log, writable_folder
@@ -57,9 +57,12 @@ OPTIONS = {
     "learning_rate": (3e-4, "peak learning rate", POSITIVE),
     "max_iters": (20000, "optimizer steps in total (0: evaluate the initial model only)",
                   at_least(0)),
-    "weight_decay": (0.01, "AdamW weight decay on matrices", at_least(0.0)),
+    "weight_decay": (0.01, "AdamW weight decay", at_least(0.0)),
+    "weight_decay_on": ("all", "the parameters AdamW decays: all (the paper's code) or matrices "
+                               "(nanoGPT's: not norm gains or biases)", one_of("all", "matrices")),
     "beta1": (0.9, "AdamW beta1", between(0.0, 1.0, open_hi=True)),
-    "beta2": (0.95, "AdamW beta2", between(0.0, 1.0, open_hi=True)),
+    "beta2": (0.999, "AdamW beta2 (paper: 0.999, PyTorch's default)",
+              between(0.0, 1.0, open_hi=True)),
     "grad_clip": (1.0, "clip the gradient norm to this; 0 disables", at_least(0.0)),
     "lr_schedule": ("constant", "constant (paper, after warmup) or cosine (to min_lr at the end)",
                     one_of("constant", "cosine")),
@@ -74,7 +77,7 @@ OPTIONS = {
               one_of("auto", "float32", "bfloat16", "float16")),
     "compile": ("auto", "torch.compile the model (auto: on CUDA only)",
                 one_of("auto", "True", "False")),
-    "seed": (1337, "seed for weights, data order and dropout", at_least(0)),
+    "seed": (42, "seed for weights, data order and dropout (paper: 42)", at_least(0)),
     "skip_nonfinite": (False, "skip steps whose gradient is NaN/inf instead of stopping", None),
 }
 RUN_KEYS = MODEL_KEYS + ["dataset"]  # what a resumed run may not change
@@ -85,9 +88,9 @@ def together(cfg, explicit):
     if cfg.lr_schedule == "cosine" and cfg.min_lr > cfg.learning_rate:
         return (f"--min_lr={cfg.min_lr!r} is above --learning_rate={cfg.learning_rate!r}; "
                 f"the cosine schedule decays from learning_rate down to min_lr")
-    if cfg.n_embd % cfg.n_head:
-        return f"--n_embd={cfg.n_embd} is invalid; accepted: a multiple of --n_head={cfg.n_head}"
-    return None
+    # the model knobs together (a knob of another readout, a supervision's weights), as
+    # LoopedGPTConfig checks them; the vocabulary comes from the data later
+    return config_error(vars(cfg) | {"vocab_size": 1}, "--")
 
 
 def get_lr(it, cfg):
@@ -189,7 +192,8 @@ def banner(model, cfg, ddp_world, resumed_at):
     where = f"{cfg.device} {cfg.dtype}{' compiled' if cfg.compile else ''}"
     if ddp_world > 1:
         where += f", {ddp_world} processes"
-    knobs = " ".join(f"{k}={getattr(cfg, k)}" for k in MODEL_KEYS if k in OPTIONS)
+    knobs = " ".join(f"{k}={getattr(cfg, k)}" for k in MODEL_KEYS
+                     if k in OPTIONS and knob_applies(k, vars(cfg)))
     changed = " ".join(f"{k}={getattr(cfg, k)}" for k, spec in OPTIONS.items()
                        if k not in MODEL_KEYS + list(IO_KEYS) + ["device", "dtype", "compile"]
                        and getattr(cfg, k) != spec[0])
@@ -263,7 +267,7 @@ def main(argv=None):
     else:
         model = LoopedGPT(model_config(run_config)).to(cfg.device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
-                                           (cfg.beta1, cfg.beta2), dev)
+                                           (cfg.beta1, cfg.beta2), dev, cfg.weight_decay_on)
     scaler = torch.amp.GradScaler(dev, enabled=cfg.dtype == "float16")
     iter_num = 0
     if ckpt:

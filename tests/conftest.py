@@ -46,10 +46,11 @@ def read_log(out_dir):
 
 @pytest.fixture(scope="session")
 def tiny_runs(data_dir, tmp_path_factory):
-    """Two tiny trained runs (rmsnorm, scale_visible), shared by the eval/plot/sample tests."""
+    """Tiny trained runs (rmsnorm, scale_visible, alpha), shared by the eval/plot/sample
+    tests."""
     from train import main
     outs = {}
-    for readout in ("rmsnorm", "scale_visible"):
+    for readout in ("rmsnorm", "scale_visible", "alpha"):
         out = tmp_path_factory.mktemp(readout)
         main(TINY + [f"--data_dir={data_dir}", "--dataset=tiny_char", f"--out_dir={out}",
                      f"--readout={readout}", "--max_iters=20", "--eval_interval=10"])

@@ -253,16 +253,17 @@ def test_lemma1_on_trained_checkpoints(tiny_runs, data_dir):
 
 
 def test_lemma1_readout_is_the_models_and_chunks_change_nothing(tiny_runs, data_dir):
-    """lemma1 decodes h_K with float64 CPU copies of the LM head (and ln_f): the model's own
-    readout; walking over row chunks gives the per-token cosines of the whole batch."""
-    from eval import cpu_readout, lemma1
+    """lemma1 decodes h_K with float64 CPU copies of the LM head and the readout's norm: the
+    model's own readout; walking over row chunks gives the per-token cosines of the whole
+    batch."""
+    from eval import lemma1
     for name in ("rmsnorm", "scale_visible"):
         model, batches = val_batches(tiny_runs[name], data_dir, n=2)
         K = model.config.n_loops
         h = all_states(model, batches)[0][-1]
         with torch.no_grad():
-            assert torch.allclose(cpu_readout(model, K)(h.double()), model.readout(h, K).double(),
-                                  atol=1e-5)
+            copy = model.readout_copy("cpu", torch.float64)
+            assert torch.allclose(copy(h.double(), K), model.readout(h, K).double(), atol=1e-5)
         whole = lemma1(model, batches)
         chunked = lemma1(model, batches, chunk_elems=5 * model.config.vocab_size)  # 5 rows
         assert chunked["n_tokens"] == whole["n_tokens"] == 2 * 4 * 32
@@ -296,7 +297,7 @@ def test_eval_tensor_paths_on_device(kind, tiny_runs, data_dir):
     """collect, evaluate (per depth, halting, depth map), lens, all_states and every diagnostic,
     on a model and batches on the device: no CPU tensor mixed in, no float64 on MPS, no
     histogram on the device, no value read before its move to the CPU."""
-    for readout in ("rmsnorm", "scale_visible"):  # with ln_f and without
+    for readout in ("rmsnorm", "scale_visible", "alpha"):  # with a readout norm and without
         model, ckpt = load_model(tiny_runs[readout])
         encode, decode = load_tokenizer(ckpt["meta"])
         data, _ = load_data(data_dir, ckpt["config"]["dataset"], ckpt["config"]["block_size"])

@@ -1,5 +1,8 @@
 """The looped model and the exact math of the blind spot. Tiny configs, CPU, float64 where exact."""
 
+import math
+from dataclasses import fields
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -43,22 +46,56 @@ PAPER_READOUTS = {"rmsnorm": [True] * 6, "scale_visible": [False] * 6,
 
 
 def test_readout_table_describes_the_papers_readouts():
+    cfg = LoopedGPTConfig(n_loops=3)
     for readout, blind in PAPER_READOUTS.items():
-        assert [READOUTS[readout].hides_scale(k, 3) for k in range(1, 7)] == blind, readout
+        assert [READOUTS[readout].hides_scale(cfg, k, 3) for k in range(1, 7)] == blind, readout
 
 
-@pytest.mark.parametrize("readout", READOUTS)
-def test_readout_scale_invariance_follows_the_table(readout):
-    """readout(c * h, k) == readout(h, k) exactly where the table says the scale is hidden, at
-    every loop, also past K (eval.py decodes loops up to 2K, sample.py any --n_loops)."""
-    model = tiny(readout=readout).double()
+# every entry of READOUTS, with each setting of its own knobs that changes what it does
+def readout_cases():
+    cases = []
+    for name in READOUTS:
+        owned = [f.name for f in fields(LoopedGPTConfig)
+                 if f.metadata["applies"] == ("readout", name)]
+        variants = [{}]
+        if "readout_alpha" in owned:  # the alpha readout: both ends, fixed, and learned
+            variants = [{"readout_alpha": 0.0, "readout_alpha_learned": False},
+                        {"readout_alpha": 1.0, "readout_alpha_learned": False},
+                        {"readout_alpha": 0.3, "readout_alpha_learned": False},
+                        {}, {"readout_alpha_per_loop": True, "readout_s_ref": "learned"}]
+        for v in variants:
+            cases.append(pytest.param(name, v, id=name + "".join(f"-{k}={x}" for k, x in
+                                                                v.items())))
+    return cases
+
+
+@pytest.mark.parametrize("readout,knobs", readout_cases())
+def test_every_readout_hides_the_scale_exactly_where_it_declares(readout, knobs):
+    """Measured, for every entry of READOUTS: at loops k = 1..2K (the rule is called past K),
+    the logits of c * h_k equal those of h_k for every c > 0 exactly where the entry declares
+    hides_scale, and (Lemma 1, through the model in float64) the gradient of the CE with
+    respect to h_k is then orthogonal to h_k, and clearly not where it shows the scale. A fork's
+    new readout gets these verdicts for free."""
+    model = tiny(readout=readout, **knobs).double().eval()
+    idx, tgt = batch()
     with torch.no_grad():
-        states = model.loop_states(batch()[0], n_loops=6)
-        for k, h in enumerate(states, start=1):
-            invariant = READOUTS[readout].hides_scale(k, 3)
-            for c in (0.1, 10.0, 1000.0):
-                same = torch.allclose(model.readout(c * h, k), model.readout(h, k), atol=1e-9)
-                assert same == invariant, f"{readout} at loop {k}, scale x{c}"
+        states = model.loop_states(idx, n_loops=6)
+    for k, h in enumerate(states, start=1):
+        declared = READOUTS[readout].hides_scale(model.config, k, 3)
+        # RMS 3 per token: a norm's eps (1e-6) bends the identity only at tiny scales
+        h = 3 * h / h.pow(2).mean(-1, keepdim=True).sqrt()
+        with torch.no_grad():
+            same = [torch.allclose(model.readout(c * h, k), model.readout(h, k), rtol=1e-5,
+                                   atol=1e-5) for c in (0.5, 10.0, 1000.0)]
+        assert all(same) == declared and any(same) == declared, (k, same, declared)
+        h.requires_grad_(True)
+        ce = F.cross_entropy(model.readout(h, k).flatten(0, 1), tgt.flatten())
+        (g,) = torch.autograd.grad(ce, h)
+        cos = F.cosine_similarity(g, h, dim=-1).abs()
+        if declared:
+            assert cos.max() < 1e-6, (k, cos.max())
+        else:
+            assert cos.mean() > 1e-3, (k, cos.mean())
 
 
 def test_parameter_count_independent_of_loops():
@@ -70,7 +107,7 @@ def test_parameter_count_independent_of_loops():
 
 
 def test_unused_modules_do_not_exist():
-    assert tiny(readout="scale_visible").ln_f is None
+    assert tiny(readout="scale_visible").readout_norm is None
     assert tiny(loop_norm=False).loop_rmsnorm is None
     model = tiny(readout="scale_visible")
     idx, tgt = batch()
@@ -90,26 +127,58 @@ def test_causal_at_every_loop():
 
 
 @pytest.mark.parametrize("readout", READOUTS)
-def test_losses_match_definitions(readout):
+@pytest.mark.parametrize("supervision", SUPERVISIONS)
+def test_losses_match_definitions(readout, supervision):
+    """For every readout and every supervision: the loss is sum_k w_k CE_k / sum_k w_k plus
+    lambda * mean_k mean(h_k^2), with each exit's CE taken by plain cross-entropy from its
+    logits and w_k the entry's own weight(k, K); loop_ce is each exit's CE, hidden_norm the mean
+    per-token L2 norm."""
     lam = 0.05
     idx, tgt = batch()
-    for supervision in ("per_loop", "terminal"):
-        for penalty in (0.0, lam):
-            model = tiny(readout=readout, supervision=supervision, norm_penalty=penalty)
-            model = model.double().eval()  # eval mode: every exit decoded, also untrained ones
-            logits, loss, stats = model(idx, tgt)
-            with torch.no_grad():
-                states = model.loop_states(idx)
-                ces = torch.stack([F.cross_entropy(model.readout(h, k).flatten(0, 1), tgt.flatten())
-                                   for k, h in enumerate(states, start=1)])
-                expect = ces.mean() if supervision == "per_loop" else ces[-1]
-                expect = expect + penalty * torch.stack([h.pow(2).mean() for h in states]).mean()
-                norms = torch.stack([torch.sqrt((h ** 2).sum(-1)).mean() for h in states])
-            assert torch.allclose(loss, expect, atol=1e-12)
-            assert torch.allclose(stats["loop_ce"], ces, atol=1e-12)
-            assert torch.allclose(stats["hidden_norm"], norms, atol=1e-12)
-            assert stats["loop_ce"].shape == (3,) and not stats["loop_ce"].requires_grad
-            assert torch.allclose(logits, model.readout(states[-1], 3), atol=1e-12)
+    weights = torch.tensor([float(SUPERVISIONS[supervision].weight(k, 3)) for k in (1, 2, 3)],
+                           dtype=torch.float64)
+    for penalty in (0.0, lam):
+        model = tiny(readout=readout, supervision=supervision, norm_penalty=penalty)
+        model = model.double().eval()  # eval mode: every exit decoded, also untrained ones
+        logits, loss, stats = model(idx, tgt)
+        with torch.no_grad():
+            states = model.loop_states(idx)
+            ces = torch.stack([F.cross_entropy(model.readout(h, k).flatten(0, 1), tgt.flatten())
+                               for k, h in enumerate(states, start=1)])
+            expect = (weights * ces).sum() / weights.sum()
+            expect = expect + penalty * torch.stack([h.pow(2).mean() for h in states]).mean()
+            norms = torch.stack([torch.sqrt((h ** 2).sum(-1)).mean() for h in states])
+        assert torch.allclose(loss, expect, atol=1e-12)
+        assert torch.allclose(stats["loop_ce"], ces, atol=1e-12)
+        assert torch.allclose(stats["hidden_norm"], norms, atol=1e-12)
+        assert stats["loop_ce"].shape == (3,) and not stats["loop_ce"].requires_grad
+        assert torch.allclose(logits, model.readout(states[-1], 3), atol=1e-12)
+
+
+def test_the_papers_supervisions_are_the_mean_and_the_last_exit():
+    """per_loop is the plain mean of the K CEs, terminal the last one alone (the paper's)."""
+    idx, tgt = batch()
+    for supervision, pick in (("per_loop", lambda c: c.mean()), ("terminal", lambda c: c[-1])):
+        model = tiny(supervision=supervision).double().eval()
+        _, loss, stats = model(idx, tgt)
+        assert torch.allclose(loss, pick(stats["loop_ce"]), atol=1e-12), supervision
+
+
+@pytest.mark.parametrize("weight,words", [
+    (lambda loop, K: 0.0, "one must be > 0"),
+    (lambda loop, K: -1.0 if loop == 1 else 1.0, "-1.0"),
+    (lambda loop, K: float("nan"), "nan"),
+    (lambda loop, K: "heavy", "must return a number"),
+])
+def test_a_supervision_with_bad_weights_is_refused_in_one_line(weight, words, monkeypatch):
+    """A supervision's weights are checked when the config is built (finite, >= 0, one > 0 for
+    the K in use), with one line naming the entry, not a ZeroDivisionError in training."""
+    from model import Supervision
+    monkeypatch.setitem(SUPERVISIONS, "mine", Supervision("a fork's", weight))
+    with pytest.raises(ValueError) as e:
+        LoopedGPTConfig(supervision="mine")
+    assert "'mine'" in str(e.value) and words in str(e.value)
+    assert len(str(e.value).splitlines()) == 1
 
 
 def test_penalty_adds_exactly_lambda_times_mean_square():
@@ -167,8 +236,9 @@ def test_a_few_steps_lower_the_loss(readout, extra):
         opt.zero_grad()
         loss.backward()
         for name, p in model.named_parameters():
-            if name.startswith("ln_f") and not any(
-                    READOUTS[readout].hides_scale(k, 3) for k in model.config.trained_loops()):
+            if name.startswith("readout_norm") and not any(
+                    READOUTS[readout].hides_scale(model.config, k, 3)
+                    for k in model.config.trained_loops()):
                 continue  # RMSNorm'd only at loops the loss does not train: measured, not trained
             assert p.grad is not None and p.grad.abs().sum() > 0, name
         opt.step()
@@ -197,11 +267,19 @@ def test_too_long_sequence_is_a_clear_error():
         tiny()(torch.zeros(1, 17, dtype=torch.long))
 
 
-def test_optimizer_decays_matrices_only():
-    model = tiny()
+def test_optimizer_decays_all_parameters_or_matrices_only():
+    """decay="all" (the paper's code: AdamW over model.parameters()) decays every parameter,
+    the tied embedding once; "matrices" (nanoGPT's) only those with two or more dimensions."""
+    model = tiny(loop_norm=True)
+    params = {id(p): p for p in model.parameters()}
     groups = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu").param_groups
-    assert all(p.dim() >= 2 for p in groups[0]["params"]) and groups[0]["weight_decay"] == 0.1
-    assert all(p.dim() < 2 for p in groups[1]["params"]) and groups[1]["weight_decay"] == 0.0
+    assert len(groups) == 1 and groups[0]["weight_decay"] == 0.1
+    assert sorted(map(id, groups[0]["params"])) == sorted(params)
+    assert len(groups[0]["params"]) == len(list(model.named_parameters()))  # tied: once
+    groups = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", "matrices").param_groups
+    assert {id(p) for p in groups[0]["params"]} == {i for i, p in params.items() if p.dim() >= 2}
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert {id(p) for p in groups[1]["params"]} == {i for i, p in params.items() if p.dim() < 2}
 
 
 @pytest.mark.parametrize("readout", READOUTS)
@@ -476,24 +554,31 @@ def test_readout_ce_chunks_per_device_and_under_compile(monkeypatch):
 def test_loop_norm_acts_between_loops_only():
     """Loop norm RMSNorms the state carried into loops 2..K, never the embedding into loop 1:
     with the same weights, h_1 is the plain model's h_1 and the next state starts from
-    RMSNorm(h_1)."""
+    RMSNorm(h_1) * gain, with the eps of norm_eps and the gain the paper's (learned, from 1)."""
     idx, _ = batch()
-    plain = tiny().double()
-    normed = tiny(loop_norm=True).double()
-    normed.load_state_dict(plain.state_dict())  # loop norm has no weights of its own
-    with torch.no_grad():
-        h_plain, h_normed = plain.loop_states(idx), normed.loop_states(idx)
-        assert torch.equal(h_normed[0], h_plain[0])
-        rms = h_plain[0].pow(2).mean(-1, keepdim=True).add(torch.finfo(torch.float64).eps).sqrt()
-        expect = plain.loop(h_plain[0] / rms, 2)
-        torch.testing.assert_close(h_normed[1], expect, rtol=1e-5, atol=1e-8)
+    plain = tiny(norm_eps=1e-3).double()
+    for gain in (True, False):
+        normed = tiny(loop_norm=True, loop_norm_gain=gain, norm_eps=1e-3).double()
+        normed.load_state_dict(plain.state_dict(), strict=False)
+        assert (normed.loop_rmsnorm.weight is not None) == gain
+        if gain:
+            with torch.no_grad():
+                normed.loop_rmsnorm.weight.uniform_(0.5, 1.5)
+        g = normed.loop_rmsnorm.weight if gain else 1.0
+        with torch.no_grad():
+            h_plain, h_normed = plain.loop_states(idx), normed.loop_states(idx)
+            assert torch.equal(h_normed[0], h_plain[0])
+            rms = h_plain[0].pow(2).mean(-1, keepdim=True).add(1e-3).sqrt()
+            expect = plain.loop(h_plain[0] / rms * g, 2)
+            torch.testing.assert_close(h_normed[1], expect, rtol=1e-9, atol=1e-9)
 
 
-def test_residual_projections_start_small_for_the_looped_depth():
-    """GPT-2's 1/sqrt(2 * depth) on the residual projections, with the looped depth
-    n_layer * n_loops: std 0.02 / sqrt(2 * 4 * 6) for a 4-layer block looped 6 times."""
+def test_gpt2_init_scales_residual_projections_for_the_looped_depth():
+    """init=gpt2: N(0, 0.02) weights, and GPT-2's 1/sqrt(2 * depth) on the residual
+    projections with the looped depth n_layer * n_loops: std 0.02 / sqrt(2 * 4 * 6) for a
+    4-layer block looped 6 times."""
     cfg = LoopedGPTConfig(vocab_size=64, block_size=16, n_layer=4, n_head=4, n_embd=256,
-                          n_loops=6)
+                          n_loops=6, init="gpt2")
     torch.manual_seed(0)
     model = LoopedGPT(cfg)
     for name, p in model.named_parameters():
@@ -501,3 +586,201 @@ def test_residual_projections_start_small_for_the_looped_depth():
             assert p.std().item() == pytest.approx(0.02 / (2 * 4 * 6) ** 0.5, rel=0.02), name
         elif name.endswith("c_fc.weight") or name.endswith("c_attn.weight"):
             assert p.std().item() == pytest.approx(0.02, rel=0.02), name
+
+
+def test_torch_init_is_the_papers():
+    """init=torch (the paper's code keeps PyTorch's defaults): token and position embeddings
+    N(0, 1), the tied head the embedding's matrix, every Linear kaiming-uniform
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (std 1/sqrt(3 fan_in)), every norm gain 1; so h_0
+    starts at an RMS of about sqrt(2)."""
+    torch.manual_seed(0)
+    model = LoopedGPT(LoopedGPTConfig(vocab_size=4096, block_size=256, n_layer=2, n_head=4,
+                                      n_embd=256, loop_norm=True))
+    assert model.config.init == "torch"  # the default
+    assert model.lm_head.weight is model.wte.weight
+    for emb in (model.wte.weight, model.wpe.weight):
+        assert emb.mean().item() == pytest.approx(0, abs=0.01)
+        assert emb.std().item() == pytest.approx(1, rel=0.02)
+    linears = [m for m in model.block.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 2 * 5
+    for lin in linears:
+        bound = 1 / lin.in_features ** 0.5
+        assert lin.weight.abs().max().item() <= bound
+        assert lin.weight.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.03)
+    gains = [p for n, p in model.named_parameters() if n.endswith(("ln_1.weight", "ln_2.weight",
+                                                                  "norm.weight"))]
+    assert len(gains) == 2 * 2 + 2 and all(torch.equal(g, torch.ones_like(g)) for g in gains)
+    with torch.no_grad():
+        h0 = model.embed(torch.randint(4096, (8, 256)))
+    assert h0.pow(2).mean().sqrt().item() == pytest.approx(2 ** 0.5, rel=0.03)
+
+
+def test_dropout_sites_are_the_papers():
+    """Dropout on the embeddings, the attention probabilities and the SwiGLU output, and none
+    after the attention's output projection: counted as modules, then seen at work."""
+    model = tiny(dropout=0.5, n_layer=2)
+    drops = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout)]
+    assert drops == ["drop", "block.0.mlp.dropout", "block.1.mlp.dropout"]
+    assert all(m.p == 0.5 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    assert [layer.attn.dropout for layer in model.block] == [0.5, 0.5]
+    attn = model.block[0].attn
+    x = torch.randn(2, 8, 16)
+    attn.train()
+    ys = [attn(x) for _ in range(2)]
+    assert not torch.allclose(ys[0], ys[1])  # the probabilities are dropped in training
+    attn.dropout = 0.0
+    y = attn(x)  # with no dropout on the probabilities nothing else is dropped after c_proj
+    assert torch.equal(y, attn(x)) and (y != 0).all()
+
+
+def test_every_rmsnorm_uses_norm_eps():
+    model = tiny(norm_eps=3e-4, loop_norm=True)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.RMSNorm)]
+    assert len(norms) == 2 * 2 + 2 and all(m.eps == 3e-4 for m in norms)
+
+
+def valid_other_value(f, base):
+    """A value of knob f other than its default that its check takes (with `base`)."""
+    d = f.default
+    if isinstance(d, bool):
+        candidates = [not d]
+    elif isinstance(d, str):
+        candidates = [v for v in f.metadata["accepted"].split(" | ") if v != d]
+    else:
+        candidates = [type(d)(d / 2), type(d)(d + 1), type(d)(2 * d)]
+    for v in candidates:
+        try:
+            LoopedGPTConfig(**base, **{f.name: v})
+            return v
+        except ValueError:
+            continue
+    raise AssertionError(f"no valid value other than the default found for {f.name}")
+
+
+@pytest.mark.parametrize("f", fields(LoopedGPTConfig), ids=lambda f: f.name)
+def test_every_knob_refuses_its_declared_bad_values(f):
+    """Each knob's own declaration (model.knob): every declared bad value is refused in one
+    line naming the knob and the value, its default is taken, another valid value is taken,
+    and a knob that applies to one readout (or to the loop norm) is refused, in one line, set
+    without it. A new knob gets these verdicts without an edit here."""
+    assert f.metadata["bad"], f"{f.name} declares no bad values"
+    owner = f.metadata["applies"]
+    base = {owner[0]: owner[1]} if owner else {}
+    LoopedGPTConfig(**base, **{f.name: f.default})
+    for bad in f.metadata["bad"]:
+        with pytest.raises(ValueError) as e:
+            LoopedGPTConfig(**base, **{f.name: bad})
+        msg = str(e.value)
+        assert f"{f.name}={bad!r}" in msg and len(msg.splitlines()) == 1, msg
+    other = valid_other_value(f, base)
+    if owner:
+        with pytest.raises(ValueError) as e:
+            LoopedGPTConfig(**{f.name: other})
+        assert f"{f.name}={other!r} applies only with {owner[0]}={owner[1]}" in str(e.value)
+
+
+def alpha_model(**kw):
+    return tiny(readout="alpha", **kw).double()
+
+
+def rms(h):
+    return h.pow(2).mean(-1, keepdim=True).sqrt()
+
+
+def test_alpha_readout_at_both_ends_is_rmsnorm_without_gain_and_the_raw_readout():
+    """The paper's continuum: alpha = 0 is s_ref * h / RMS(h) (RMSNorm without a gain, s_ref
+    fixed at 1 here), alpha = 1 is h itself: the same logits as the scale_visible model with
+    the same weights, in float64."""
+    idx, _ = batch()
+    raw = tiny(readout="scale_visible").double().eval()
+    for alpha, s_ref in ((0.0, "fixed"), (1.0, "fixed"), (1.0, "ema")):
+        model = alpha_model(readout_alpha=alpha, readout_alpha_learned=False,
+                            readout_s_ref=s_ref).eval()
+        model.load_state_dict(raw.state_dict(), strict=False)
+        with torch.no_grad():
+            for k, h in enumerate(model.loop_states(idx, n_loops=5), start=1):
+                seen = model.readout_input(h, k)
+                expect = h / rms(h) if alpha == 0 else h
+                torch.testing.assert_close(seen, expect, rtol=1e-12, atol=1e-12)
+                if alpha == 1:
+                    torch.testing.assert_close(model.readout(h, k), raw.readout(h, k),
+                                               rtol=1e-12, atol=1e-12)
+
+
+def test_alpha_readout_in_between_follows_gamma():
+    """0 < alpha < 1: gamma(s) = s_ref^(1 - alpha) * s^alpha times u = h / s, by hand, with a
+    learned s_ref moved off 1."""
+    model = alpha_model(readout_alpha=0.25, readout_alpha_learned=False,
+                        readout_s_ref="learned").eval()
+    with torch.no_grad():
+        model.readout_norm.log_s_ref.fill_(0.7)
+        h = 5 * torch.randn(2, 4, 16, dtype=torch.float64)
+        s = rms(h)
+        expect = math.exp(0.7) ** 0.75 * s ** 0.25 * h / s
+        torch.testing.assert_close(model.readout_input(h, 2), expect, rtol=1e-12, atol=1e-12)
+
+
+def test_alpha_readout_learns_alpha_and_s_ref():
+    """Learned alpha starts at readout_alpha through a sigmoid and gets a gradient; so does a
+    learned s_ref; a fixed alpha is a buffer."""
+    model = alpha_model(readout_alpha=0.2, readout_s_ref="learned")
+    assert torch.sigmoid(model.readout_norm.alpha_logit).item() == pytest.approx(0.2)
+    idx, tgt = batch()
+    model(idx, tgt)[1].backward()
+    assert model.readout_norm.alpha_logit.grad.abs().item() > 0
+    assert model.readout_norm.log_s_ref.grad.abs().item() > 0
+    fixed = alpha_model(readout_alpha=0.2, readout_alpha_learned=False)
+    assert "readout_norm.alpha_fixed" in fixed.state_dict()
+    assert not any("alpha" in n for n, _ in fixed.named_parameters())
+
+
+@pytest.mark.parametrize("supervision", SUPERVISIONS)
+def test_alpha_readout_ema_follows_every_loop_in_training_only(supervision):
+    """s_ref as an EMA (decay 0.99) of the batch's mean log RMS(h): a training step moves it
+    once per loop, in loop order, the first step taking the mean itself, whatever the loss
+    trains (the paper's code decodes every loop); an eval forward leaves it; it is a buffer of
+    the state dict, so a checkpoint keeps it."""
+    model = alpha_model(supervision=supervision)
+    idx, tgt = batch()
+    with torch.no_grad():
+        means = [rms(h).log().mean().item() for h in model.loop_states(idx)]
+    expect = means[0]
+    for m in means[1:]:
+        expect = 0.99 * expect + 0.01 * m
+    model.train()
+    model(idx, tgt)[1].backward()
+    assert model.readout_norm.log_s_ref.item() == pytest.approx(expect, rel=1e-9)
+    assert model.readout_norm.ema_steps.item() == 3
+    model.eval()
+    model(idx, tgt)
+    assert model.readout_norm.log_s_ref.item() == pytest.approx(expect, rel=1e-9)
+    copy = alpha_model(supervision=supervision)
+    copy.load_state_dict(model.state_dict())
+    assert copy.readout_norm.log_s_ref.item() == model.readout_norm.log_s_ref.item()
+
+
+def test_alpha_readout_per_loop_has_one_alpha_per_loop():
+    """readout_alpha_per_loop: loop k decodes with the k-th alpha; loops past K with loop K's."""
+    model = alpha_model(readout_alpha_per_loop=True, readout_s_ref="fixed").eval()
+    with torch.no_grad():
+        model.readout_norm.alpha_logit.copy_(torch.tensor([-2.0, 0.0, 2.0]))
+        h = 5 * torch.randn(2, 4, 16, dtype=torch.float64)
+        s = rms(h)
+        for k, a in ((1, -2.0), (2, 0.0), (3, 2.0), (5, 2.0)):
+            alpha = 1 / (1 + math.exp(-a))
+            torch.testing.assert_close(model.readout_input(h, k), s ** alpha * h / s,
+                                       rtol=1e-12, atol=1e-12)
+
+
+def test_final_only_decodes_the_last_loop_of_the_run_it_is_given():
+    """readout(h, k) is the trained model's early exit (RMSNorm only at the trained K);
+    readout(h, k, n_loops=k) decodes a run of k loops by its own rule: final_only RMSNorms
+    its last loop k whatever k is (eval.py's variable depth)."""
+    model = tiny(readout="final_only").double().eval()
+    h = 5 * torch.randn(2, 4, 16, dtype=torch.float64)
+    norm = model.readout_norm
+    with torch.no_grad():
+        for k in (1, 2, 5, 9):
+            torch.testing.assert_close(model.readout(h, k, n_loops=k), model.lm_head(norm(h)))
+            expect = model.lm_head(norm(h) if k == 3 else h)
+            torch.testing.assert_close(model.readout(h, k), expect)

@@ -13,20 +13,13 @@ SCRIPTS = ("train", "sample", "eval", "bench", "prepare", "plot_norms", "experim
 WRONG_TYPE = {int: ["ten", "1.5"], float: ["abc"], bool: ["maybe"], str: []}
 
 
-# Values the model knobs (declared in model.py, shown by train.py) must refuse, written here
-# rather than read from the declarations, so that a wrong bound there fails a test.
-MODEL_BAD = {"block_size": [0, -1], "n_layer": [0], "n_head": [0], "n_embd": [0, -8],
-             "n_loops": [0, -2], "readout": ["", "no such readout"],
-             "supervision": ["", "no such supervision"], "norm_penalty": [-0.01, -1.0],
-             "dropout": [-0.1, 1.0, 1.5], "readout_ce": ["", "fast"]}
-
-
-def bad_values(default, accepts, name=None, script=None):
-    """(value, how) pairs the option must refuse: out of range, wrong type, NaN/inf."""
+def bad_values(default, accepts):
+    """(value, how) pairs the option must refuse: out of range (the values its declaration
+    names: for a model knob, model.knob's `bad`, which tests/test_model.py holds against the
+    config's own check), wrong type, NaN/inf."""
     values = []
     if not isinstance(default, bool):
-        refused = (script == "train" and MODEL_BAD.get(name)) or accepts.refused
-        values = [(v, "range") for v in refused]
+        values = [(v, "range") for v in accepts.refused]
     values += [(v, "type") for v in WRONG_TYPE[type(default)]]
     if isinstance(default, float):
         values += [("nan", "nan"), ("inf", "inf"), ("-inf", "inf")]
@@ -38,7 +31,7 @@ def cases():
     for script in SCRIPTS:
         options = importlib.import_module(script).OPTIONS
         for name, (default, _, accepts) in options.items():
-            for value, how in bad_values(default, accepts, name, script):
+            for value, how in bad_values(default, accepts):
                 out.append(pytest.param(script, name, str(value), id=f"{script}-{name}-{how}"))
             if isinstance(default, str) and script != "plot_norms":  # a preset can mistype it
                 out.append(pytest.param(script, name, 3, id=f"{script}-{name}-preset_type"))
@@ -93,7 +86,7 @@ def test_every_bad_value_is_one_line_and_touches_nothing(script, name, value, wo
 def test_every_option_of_every_script_has_bad_values():
     for script in SCRIPTS:
         for name, (default, _, accepts) in importlib.import_module(script).OPTIONS.items():
-            kinds = {how for _, how in bad_values(default, accepts, name, script)}
+            kinds = {how for _, how in bad_values(default, accepts)}
             if not isinstance(default, bool):
                 assert "range" in kinds, (script, name)
             if not isinstance(default, str):
