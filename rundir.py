@@ -13,6 +13,7 @@ that cannot be written, a second run in the same folder) ends in one line that s
 """
 
 import errno
+import functools
 import json
 import os
 import sys
@@ -276,7 +277,38 @@ def get_batch(d, batch_size, block_size, seed, device="cpu"):
     survives a resume and is the same for every run with the same seed. Both land on `device`."""
     g = torch.Generator().manual_seed(seed)
     ix = torch.randint(len(d) - block_size - 1, (batch_size,), generator=g).tolist()
-    xy = torch.from_numpy(np.stack([d[i:i + block_size + 1] for i in ix]).astype(np.int64))
+    return windows_batch(d, ix, block_size, device)
+
+
+def n_windows(n_tokens, block_size, stride):
+    """How many windows of block_size + 1 tokens start at 0, stride, 2 x stride, ... and fit in
+    n_tokens (the last start is n_tokens - block_size - 1 at most)."""
+    return (n_tokens - block_size - 1) // stride + 1
+
+
+@functools.lru_cache(maxsize=2)  # a batch reads one epoch's order, or two where it straddles
+def epoch_order(count, seed, epoch):
+    """The order in which epoch `epoch` visits window indices 0..count-1: a permutation drawn
+    from (seed, epoch) alone. Read-only (it is cached)."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (1 << 63))
+    return torch.randperm(count, generator=g)
+
+
+def epoch_starts(count, stride, seed, first, size):
+    """The window starts of samples first .. first + size - 1 of the epoch stream: the epochs
+    one after another, each a permutation of every window, so sample s is position
+    s % count of epoch s // count. A pure function of its arguments: any process, before or
+    after a resume, gets the same windows for the same samples."""
+    starts = []
+    for s in range(first, first + size):
+        epoch, position = divmod(s, count)
+        starts.append(int(epoch_order(count, seed, epoch)[position]) * stride)
+    return starts
+
+
+def windows_batch(d, starts, block_size, device="cpu"):
+    """Inputs and next-token targets of the windows that begin at `starts`, on `device`."""
+    xy = torch.from_numpy(np.stack([d[i:i + block_size + 1] for i in starts]).astype(np.int64))
     if str(device).startswith("cuda"):  # pinned memory: the copy overlaps the GPU's work
         xy = xy.pin_memory().to(device, non_blocking=True)
     else:

@@ -6,6 +6,7 @@ Train a looped LM with a readout after every loop, and log what happens to ||h_k
   python train.py                                           # the paper's 44M model, on a GPU
   torchrun --nproc_per_node=8 train.py config/paper_44m.py  # DDP; the same global batch
   python train.py --init_from=resume --out_dir=out          # continue a killed run
+  python train.py config/paper_44m.py --dataset=wikitext103_word  # the paper's recipe: 4 epochs
 
 The defaults are the paper's 44M model and optimizer on Shakespeare characters; config/ holds
 the CPU demo and the paper's presets. Every eval_interval one JSON line goes to out_dir/log.jsonl
@@ -26,9 +27,9 @@ from configurator import device_or_exit, one_of, parse
 from device import autocast, ddp_device, keep_freed_memory, pick_dtype, rng_state
 from device import set_rng_state
 from model import LoopedGPT, LoopedGPTConfig, config_error, knob_applies
-from rundir import MODEL_KEYS, append_log, atomic_save, die, disk_error, eval_seed, get_batch
-from rundir import load_checkpoint, load_data, lock_folder, model_config, model_from_checkpoint
-from rundir import resume_log, writable_folder
+from rundir import MODEL_KEYS, append_log, atomic_save, die, disk_error, epoch_starts, eval_seed
+from rundir import get_batch, load_checkpoint, load_data, lock_folder, model_config
+from rundir import model_from_checkpoint, n_windows, resume_log, windows_batch, writable_folder
 
 POSITIVE = check("a number > 0", lambda v: v > 0, [0.0, -1.0])
 FOLDER_NAME = check("a folder name (no '/')", lambda v: v != "" and "/" not in v, ["", "a/b"])
@@ -51,6 +52,19 @@ OPTIONS = {
     "gradient_accumulation_steps": (1, "micro-batches per optimizer step; the global batch, "
                                        "batch_size x this, is the same on any number of "
                                        "processes", at_least(1)),
+    "sampling": ("windows", "the training windows: windows (drawn at random from the seed, "
+                            "with replacement) or epochs (every window at --stride once per "
+                            "epoch, each epoch in its own order from the seed, as the paper's "
+                            "code; the epochs run on as one stream, so a global batch may "
+                            "straddle two, where the paper's DataLoader ends each epoch with a "
+                            "smaller batch)", one_of("windows", "epochs")),
+    "stride": (128, "tokens between the starts of neighbouring windows (of block_size + 1 "
+                    "tokens) in an epoch: the windows --sampling=epochs visits and --epochs "
+                    "counts", at_least(1)),
+    "epochs": (0.0, "train this many epochs: sets max_iters to the steps that many passes over "
+                    "the windows at --stride take at the global batch, rounded up (0: use "
+                    "--max_iters; a --max_iters flag overrides a preset's epochs)",
+               at_least(0.0)),
     # the model: every field of LoopedGPTConfig but the vocabulary, which the data sets
     **config_options(LoopedGPTConfig, skip=("vocab_size",)),
     # optimizer: AdamW
@@ -81,10 +95,22 @@ OPTIONS = {
     "skip_nonfinite": (False, "skip steps whose gradient is NaN/inf instead of stopping", None),
 }
 RUN_KEYS = MODEL_KEYS + ["dataset"]  # what a resumed run may not change
+# what a resumed run of --sampling=epochs may not change: the epoch stream and its batches
+ORDER_KEYS = ("sampling", "stride", "seed", "batch_size", "gradient_accumulation_steps")
 IO_KEYS = ("out_dir", "data_dir", "init_from", "overwrite", "log_interval")  # not experiment
 
 
-def together(cfg, explicit):
+def flag_names(argv):
+    """The options given as flags (not by a preset) in train.py's arguments."""
+    return {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+
+
+def together(cfg, explicit, flags=()):
+    # --epochs and --max_iters both set the length: one of them, or a flag over a preset's
+    if cfg.epochs > 0 and "max_iters" in explicit and ("epochs" in flags) == ("max_iters" in flags):
+        return (f"--epochs={cfg.epochs:g} and --max_iters={cfg.max_iters} both set the length of "
+                f"the run; give one of them (--epochs=0 trains --max_iters steps; a --max_iters "
+                f"flag overrides a preset's epochs)")
     if cfg.lr_schedule == "cosine" and cfg.min_lr > cfg.learning_rate:
         return (f"--min_lr={cfg.min_lr!r} is above --learning_rate={cfg.learning_rate!r}; "
                 f"the cosine schedule decays from learning_rate down to min_lr")
@@ -145,6 +171,19 @@ def train_seed(seed, iter_num, micro):
     return (seed * 1_000_003 + iter_num) * 1009 + micro * 64
 
 
+def first_sample(iter_num, micro, batch_size, accumulation):
+    """--sampling=epochs: the index, in the stream of epochs, of the first window of
+    micro-batch `micro` of a step. Step after step, micro-batch after micro-batch, the global
+    batches take the stream in order, whatever the number of processes or resumes."""
+    return (iter_num * accumulation + micro) * batch_size
+
+
+def epoch_steps(epochs, count, global_batch):
+    """The optimizer steps that `epochs` passes over `count` windows take, rounded up (the last
+    step may take a few windows of the next epoch)."""
+    return -(-math.ceil(epochs * count) // global_batch)
+
+
 def grad_norm(params):
     """The global gradient norm (after DDP's all-reduce it is the same on every process)."""
     norms = [torch.linalg.vector_norm(p.grad.float()) for p in params if p.grad is not None]
@@ -175,19 +214,40 @@ def nonfinite_message(iter_num, loop_ce, hidden_norm, trained, ckpt_path):
 
 
 def resume_options(cfg, explicit, ckpt):
-    """Resuming restores the run's own settings; a changed model or data flag is an error."""
+    """Resuming restores the run's own settings; a changed model or data flag is an error, and
+    so is a change to the epoch stream of --sampling=epochs (it would repeat or skip windows)."""
+    epochs = ckpt["config"].get("sampling") == "epochs"
     for key, saved in ckpt["config"].items():
         if key not in OPTIONS:
             continue
-        if key in RUN_KEYS and key in explicit and getattr(cfg, key) != saved:
-            die(f"--{key}={getattr(cfg, key)!r} differs from the checkpoint's {key}={saved!r}; "
-                f"drop the flag to resume, or use a new --out_dir to start a new run")
+        fixed = key in RUN_KEYS or (epochs and key in ORDER_KEYS)
+        if fixed and key in explicit and getattr(cfg, key) != saved:
+            why = "" if key in RUN_KEYS else " (the epochs' order and batches depend on it)"
+            die(f"--{key}={getattr(cfg, key)!r} differs from the checkpoint's {key}={saved!r}"
+                f"{why}; drop the flag to resume, or use a new --out_dir to start a new run")
         if key not in explicit:  # flags given now (max_iters, say) win; the rest is the run's own
             setattr(cfg, key, saved)
 
 
-def banner(model, cfg, ddp_world, resumed_at):
-    """What this run is: every model knob, and every other setting not at its default."""
+def data_line(cfg, train_tokens, count):
+    """The training data a run goes through: its windows and what --epochs came to."""
+    global_batch = cfg.batch_size * cfg.gradient_accumulation_steps
+    windows = (f"{count:,} windows of {cfg.block_size + 1} tokens at stride {cfg.stride} "
+               f"({count / global_batch:,.1f} steps of {global_batch} an epoch)")
+    if cfg.sampling == "epochs":
+        line = f"data: {windows}, each epoch in its own order"
+    else:
+        line = f"data: random windows of {cfg.block_size + 1} of {train_tokens:,} tokens"
+    if cfg.epochs > 0:
+        line += f"; --epochs={cfg.epochs:g} is {cfg.max_iters:,} step" + "s" * (cfg.max_iters != 1)
+        if cfg.sampling != "epochs":
+            line += f" (an epoch: {windows})"
+    return line
+
+
+def banner(model, cfg, ddp_world, resumed_at, data=None):
+    """What this run is: every model knob, every other setting not at its default, and the
+    data line."""
     n = model.get_num_params() / 1e6
     where = f"{cfg.device} {cfg.dtype}{' compiled' if cfg.compile else ''}"
     if ddp_world > 1:
@@ -202,22 +262,27 @@ def banner(model, cfg, ddp_world, resumed_at):
              f"model: {knobs}"]
     if changed:
         lines.append(f"set: {changed}")
+    if data:
+        lines.append(data)
     return "\n".join(lines)
 
 
 def main(argv=None):
-    cfg, explicit = parse("train.py", OPTIONS, argv, __doc__, together=together)
-    options = vars(cfg).copy()  # as given ("auto" stays "auto"), for the log and resume
+    flags = flag_names(sys.argv[1:] if argv is None else argv)
+    cfg, explicit = parse("train.py", OPTIONS, argv, __doc__,
+                          together=lambda c, e: together(c, e, flags))
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     ckpt = None
     if cfg.init_from == "resume":
         ckpt = load_checkpoint(ckpt_path)
         resume_options(cfg, explicit, ckpt)
-        options = vars(cfg).copy()
     elif os.path.isfile(ckpt_path) and not cfg.overwrite:
         die(f"{cfg.out_dir} already holds a run; continue it with --init_from=resume, choose "
             f"another --out_dir, or replace it with --overwrite=True")
+    if "max_iters" in flags and "epochs" not in flags:  # over a preset's or the run's epochs
+        cfg.epochs = 0.0
+    options = vars(cfg).copy()  # as given ("auto" stays "auto"), for the log and resume
 
     # ---- where it runs: one process, or one per GPU under torchrun (which sets RANK) ----
     ddp = "RANK" in os.environ
@@ -252,6 +317,10 @@ def main(argv=None):
         die(f"the checkpoint's vocab_size {ckpt['config']['vocab_size']} does not match "
             f"{os.path.join(cfg.data_dir, cfg.dataset)}/meta.json's {meta['vocab_size']}: was "
             f"the dataset prepared again differently?")
+    count = n_windows(len(data["train"]), cfg.block_size, cfg.stride)
+    if cfg.epochs > 0:  # the log and checkpoint hold the steps the run takes
+        cfg.max_iters = options["max_iters"] = epoch_steps(
+            cfg.epochs, count, cfg.batch_size * cfg.gradient_accumulation_steps)
     run_config = options | {"vocab_size": meta["vocab_size"], "world_size": world,
                             "resolved": {"device": cfg.device, "dtype": cfg.dtype,
                                          "compile": cfg.compile,
@@ -259,6 +328,14 @@ def main(argv=None):
 
     def batch(split, seed):
         return get_batch(data[split], cfg.batch_size, cfg.block_size, seed, cfg.device)
+
+    def train_batch(iter_num, micro):
+        """Micro-batch `micro` of step iter_num: a function of (seed, step, micro) alone."""
+        if cfg.sampling == "windows":
+            return batch("train", train_seed(cfg.seed, iter_num, micro))
+        first = first_sample(iter_num, micro, cfg.batch_size, cfg.gradient_accumulation_steps)
+        starts = epoch_starts(count, cfg.stride, cfg.seed, first, cfg.batch_size)
+        return windows_batch(data["train"], starts, cfg.block_size, cfg.device)
 
     # ---- model and optimizer ----
     torch.manual_seed(cfg.seed + rank)
@@ -302,7 +379,8 @@ def main(argv=None):
                 open(log_path, "w").close()
         except OSError as e:
             die(disk_error(e, log_path, "nothing else was changed"))
-        print(banner(raw_model, cfg, world, iter_num if ckpt else 0))
+        print(banner(raw_model, cfg, world, iter_num if ckpt else 0,
+                     data_line(cfg, len(data["train"]), count)))
         if dev == "cpu" and raw_model.get_num_params() > 10e6:
             print("note: a model this size trains slowly on a CPU; the CPU demo is "
                   "python train.py config/cpu.py")
@@ -374,7 +452,7 @@ def main(argv=None):
             # one optimizer step over this process's micro-batches; in training mode the model
             # decodes only the exits its loss trains
             for i, (micro, rows) in enumerate(my_micro_batches):
-                X, Y = batch("train", train_seed(cfg.seed, iter_num, micro))
+                X, Y = train_batch(iter_num, micro)
                 if ddp:  # all-reduce the gradients on the last micro-batch only
                     model.require_backward_grad_sync = i == len(my_micro_batches) - 1
                 with autocast(cfg.device, cfg.dtype):

@@ -104,8 +104,8 @@ MUTANTS = [
      "return cfg.min_lr + 0.5 * (1 - math.cos(math.pi * progress)) * (cfg.learning_rate - "
      "cfg.min_lr)", "test_train.py"),
     ("train-micro-batches-repeat", "train.py",
-     "X, Y = batch(\"train\", train_seed(cfg.seed, iter_num, micro))",
-     "X, Y = batch(\"train\", train_seed(cfg.seed, iter_num, 0))", "test_train.py test_device.py"),
+     "return batch(\"train\", train_seed(cfg.seed, iter_num, micro))",
+     "return batch(\"train\", train_seed(cfg.seed, iter_num, 0))", "test_train.py test_device.py"),
     ("train-ddp-share-overlaps", "train.py",
      "return [(m * world + rank, slice(None)) for m in range(accumulation // world)], None",
      "return [(m + rank, slice(None)) for m in range(accumulation // world)], None",
