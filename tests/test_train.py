@@ -33,13 +33,15 @@ def test_gpt2_ids_match_tiktoken():
     assert gpt2_encoding().encode_ordinary("Hello world") == [15496, 995]
 
 
-def test_word_tokenizer_vocab_from_training_split(text_file, tmp_path):
+def test_word_tokenizer_on_the_plays(text_file, tmp_path):
+    """The word tokenizer on real text (its exact rules: tests/test_data.py)."""
     from prepare import main
     out = main([f"--input={text_file}", "--tokenizer=word", "--name=w", f"--data_dir={tmp_path}"])
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["words"][0] == "<unk>" and meta["vocab_size"] == len(meta["words"]) <= 20000
+    assert meta["words"][:4] == ["<pad>", "<bos>", "<eos>", "<unk>"]
+    assert meta["vocab_size"] == len(meta["words"]) <= 20000
     encode, decode = load_tokenizer(meta)
-    assert encode("zzqxv ") [0] == 0  # unknown word -> <unk>
+    assert encode("zzqxv ")[0] == 3  # unknown word -> <unk>
     assert decode(encode("the king, the king")) == "the king, the king"  # whitespace is a token
 
 
