@@ -137,6 +137,8 @@ def test_options_that_only_make_sense_together(workdir, capsys):
             (sample, ["--exit_threshold=0.5"], "--exit_threshold needs --exit_policy"),
             (train, ["--lr_schedule=cosine", "--min_lr=0.1", "--learning_rate=0.01"],
              "--min_lr=0.1 is above --learning_rate=0.01"),
+            (train, ["--epochs=2", "--max_iters=5"],
+             "--epochs=2 and --max_iters=5 both set the length of the run"),
             (eval_script, ["--start=ROMEO:"], "--start is the prompt of --run=lens"),
             (eval_script, ["--max_depth=2"], "--max_depth=2 is invalid for this run; accepted: "
                                              "0 (= 2K) or at least its K=3 loops")):
@@ -165,6 +167,8 @@ BOUNDS = [
     ("train", "init_from", ["gpt2"], ["scratch", "resume"]),
     ("train", "dtype", ["fp16", "half"], ["auto", "float32", "bfloat16", "float16"]),
     ("train", "dataset", ["a/b", ""], ["mytext"]), ("train", "device", ["gpu", "cuda:"], ["cpu"]),
+    ("train", "sampling", ["epoch", "random"], ["windows", "epochs"]),
+    ("train", "stride", [0, -1], [1, 128]), ("train", "epochs", [-0.5, "inf"], [0.0, 0.5, 4]),
     ("sample", "num_samples", [0], [1]), ("sample", "max_new_tokens", [0], [1]),
     ("sample", "temperature", [-0.1], [0.0]), ("sample", "top_k", [-1], [0]),
     ("sample", "n_loops", [-1], [0]), ("sample", "exit_threshold", [-0.1], [0.0]),
