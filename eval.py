@@ -3,23 +3,28 @@ Evaluate a trained looped model on validation data, and write out_dir/eval.json.
 
   python eval.py --out_dir=out                          # per-depth PPL, adaptive exit, halting
   python eval.py --out_dir=out --run=lens --start="ROMEO:"   # each loop's top-1 guess per position
-  python eval.py --out_dir=out --run=all                # everything below
+  python eval.py --out_dir=out --run=all                # everything below but speed
 
 - per-depth perplexity: val CE / PPL when exiting after loop k, for k = 1 .. max_depth (default
   2K: what do loops beyond the trained depth do?), on the batches train.py evaluates on.
-- halting, as the paper measures it: a token (or a whole sequence, by its mean score) stops at
-  the first loop whose readout passes the exit policy (max_prob / logit_margin >= t,
-  entropy <= t), else at loop K. The threshold t is calibrated on calibration batches (the first
-  half of the validation split): the loosest t whose PPL is at most 1.01x full depth. Mean loops
-  and the PPL ratio are then reported on held-out batches (the second half). A sweep of t gives
-  the operating curve (mean loops used, val PPL) on the held-out batches.
+- halting: a token (or a whole sequence, by its mean score) stops at the first loop whose
+  readout passes the exit policy (max_prob / logit_margin >= t, entropy <= t), else at loop K.
+  The threshold t is calibrated: of n_thresholds quantiles of the scores (and the two ends), the
+  one with the fewest mean loops whose PPL is at most 1.01x full depth, found by trying every
+  one. Two protocols: nanoloop's held-out one (calibrated on random batches from the first half
+  of val, reported on batches from the second half, per token and per sequence) and the
+  paper's (per sequence, calibrated and reported on the same first windows of val). A sweep of
+  t gives the operating curve (mean loops used, val PPL) on the held-out batches.
 - a depth map: the exit loop of each token of a held-out passage under calibrated halting.
-- the paper's diagnostics: Lemma 1 on this checkpoint, Lemma 2's decomposition, the radial
-  clamp, scale sensitivity, the spread of per-token norms.
+- the paper's diagnostics: Lemma 1 on this checkpoint (and the radial fraction of the gradient
+  at loops 1 and K), Lemma 2 over 30 loops, variable depth (the model run for K' = 1..3K loops,
+  decoded by its own rule), the radial clamp in two modes, scale sensitivity, the spread of
+  per-token norms; with per-depth PPL, the endpoint metrics (the CE gap ln PPL_1 - ln PPL_K).
 - speed (--run=speed, after depth; not part of all, so that it can be timed on a quiet
   machine): what calibrated halting saves in wall-clock time. Tokens per second of generation
   with the KV cache at batch 1 and 8, running all K loops against exiting at the threshold that
-  depth calibrated, beside the held-out PPL of each.
+  depth calibrated, beside the held-out PPL of each; and the compute-quality frontier, the
+  tokens per second of a full forward pass at each depth k = 1..K.
 Exits are simulated on full sequences: every position runs all loops (so later tokens attend to
 deeper states of earlier ones) and each token's prediction is read at its own exit loop.
 
@@ -35,6 +40,7 @@ import os
 import statistics
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -46,7 +52,7 @@ from prepare import load_tokenizer
 from rundir import atomic_write_text, die, eval_seed, get_batch, load_checkpoint, load_data
 from rundir import model_from_checkpoint, writable_folder
 
-DIAGNOSTICS = ("lemma1", "decomposition", "clamp", "scale", "spread")
+DIAGNOSTICS = ("lemma1", "lemma2", "variable_depth", "clamp", "scale", "spread")
 RUNS = ("depth", "lens") + DIAGNOSTICS + ("all", "speed")
 SPEED_BATCHES = (1, 8)
 EXIT_UNITS = ("token", "sequence")
@@ -57,7 +63,8 @@ OPTIONS = {
                    at_least(1)),
     "batch_size": (0, "sequences per batch (0 = the run's batch_size)", at_least(0)),
     "max_depth": (0, "deepest exit evaluated: 0 (= 2K) or at least the run's K", at_least(0)),
-    "n_thresholds": (25, "points in each adaptive-exit sweep", at_least(2)),
+    "n_thresholds": (51, "quantiles of the exit scores tried as thresholds, beside the two "
+                         "ends, in calibration and the sweep (paper: 51)", at_least(2)),
     "target": (1.01, "calibrated halting: allowed PPL relative to full depth", at_least(1.0)),
     "policy": ("logit_margin", "exit policy of the sweep and the depth map (paper: logit_margin)",
                one_of(*EXIT_POLICIES)),
@@ -71,6 +78,7 @@ OPTIONS = {
                      "at full depth and under calibrated halting)", one_of(*RUNS)),
     "new_tokens": (200, "speed: tokens generated per timed generation", at_least(1)),
     "rounds": (3, "speed: timed generations of each kind (the median is reported)", at_least(1)),
+    "lemma2_loops": (30, "lemma2: loops the trained block is run for (paper: 30)", at_least(2)),
 }
 
 
@@ -80,6 +88,8 @@ def together(cfg, explicit):
     for name in ("new_tokens", "rounds"):
         if name in explicit and cfg.run != "speed":
             return f"--{name} is an option of --run=speed; add --run=speed"
+    if "lemma2_loops" in explicit and cfg.run not in ("lemma2", "all"):
+        return "--lemma2_loops is an option of --run=lemma2 (or all); add --run=lemma2"
     return None
 
 
@@ -134,42 +144,39 @@ def adaptive_exit(ce, score, policy, threshold, K, unit="token"):
     """(mean loops, PPL) when each token (or sequence) exits at its first passing loop."""
     exit_at = exit_loops(score, policy, threshold, K, unit)
     token_ce = ce[:K].gather(0, (exit_at - 1)[None])[0]
-    return exit_at.float().mean().item(), math.exp(token_ce.mean().item())
+    return exit_at.double().mean().item(), math.exp(token_ce.double().mean().item())
 
 
-def thresholds(score, policy, K, n, unit="token"):
-    """n thresholds from quantiles of the scores at loops 1..K-1, strict to loose."""
-    s = unit_scores(score[:max(1, K - 1)], unit).flatten()
-    pick = torch.randperm(len(s), generator=torch.Generator().manual_seed(0))[:100_000]
-    qs = torch.quantile(s[pick], torch.linspace(0, 1, n)).tolist()
-    return strict_to_loose(qs, policy)
+def threshold_grid(score, policy, K, n, unit="token"):
+    """Candidate thresholds, loosest first: n quantiles (levels evenly spaced over 0..1) of the
+    unit scores at loops 1..K-1, and one just past each end (every unit exits at loop 1; none
+    exits early), as the paper's code takes them."""
+    s = unit_scores(score[:max(1, K - 1)], unit).flatten().double().numpy()
+    s = s[np.isfinite(s)]
+    grid = [s.min() - 1e-6, *np.unique(np.quantile(s, np.linspace(0, 1, n))), s.max() + 1e-6]
+    return strict_to_loose([float(t) for t in grid], policy)[::-1]
 
 
-def calibrate(ce, score, policy, K, target, unit="token"):
-    """The loosest threshold whose PPL on these batches is <= target x full depth (bisection
-    over the sorted scores), or None when no early exit is good enough."""
-    full = math.exp(ce[K - 1].mean().item())
-    cands = strict_to_loose(torch.unique(unit_scores(score[:max(1, K - 1)], unit)).tolist(),
-                            policy)
-
-    def good(i):
-        return adaptive_exit(ce, score, policy, cands[i], K, unit)[1] <= target * full
-    lo, hi = -1, len(cands) - 1  # lo: the loosest known good (-1 = no early exit at all)
-    if good(hi):
-        return cands[hi]
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if good(mid):
-            lo = mid
-        else:
-            hi = mid
-    return cands[lo] if lo >= 0 else None
+def calibrate(ce, score, policy, K, target, n, unit="token"):
+    """(threshold, mean loops, PPL) on these batches: of the grid's thresholds (threshold_grid)
+    whose PPL is at most target x full depth, the one with the fewest mean loops (the loosest
+    of a tie), found by trying every one: PPL need not be monotone in the threshold (a looser
+    one can let through tokens whose early exit beats full depth), so nothing may assume it.
+    The threshold is None when no early exit meets the target: all K loops run."""
+    full = math.exp(ce[K - 1].double().mean().item())
+    best = (None, float(K), full)
+    for t in threshold_grid(score, policy, K, n, unit):
+        loops, ppl = adaptive_exit(ce, score, policy, t, K, unit)
+        if ppl <= target * full and loops < best[1]:
+            best = (t, loops, ppl)
+    return best
 
 
-def halting(cal, held, policy, K, target, unit="token"):
-    """Calibrate on `cal` = (ce, scores), report on the disjoint `held` = (ce, scores)."""
-    t = calibrate(cal[0], cal[1][policy], policy, K, target, unit)
-    full = math.exp(held[0][K - 1].mean().item())
+def halting(cal, held, policy, K, target, n, unit="token"):
+    """Calibrate on `cal` = (ce, scores), report on `held` = (ce, scores): disjoint batches
+    (nanoloop's held-out protocol), or the same ones (the paper's)."""
+    t = calibrate(cal[0], cal[1][policy], policy, K, target, n, unit)[0]
+    full = math.exp(held[0][K - 1].double().mean().item())
     if t is None:
         return {"threshold": None, "mean_loops": float(K), "ppl": full, "ratio": 1.0}
     loops, ppl = adaptive_exit(held[0], held[1][policy], policy, t, K, unit)
@@ -190,26 +197,44 @@ def split_batches(data, n, batch_size, block_size, device):
     return cal, held, data[half:]
 
 
-def evaluate(model, batches, cal_batches, held_batches, cfg, held_data, decode=None,
-             states=None, dtype="float32"):
-    """Per-depth PPL on `batches` (whose first loop states may be given); halting calibrated on
-    `cal_batches`, reported on `held_batches` for both exit units and every policy; the sweep on
-    the held-out batches; the depth map of the start of `held_data`. The model runs in `dtype`
+def windows(data, n, batch_size, block_size, device):
+    """The paper's evaluation batches: the first n non-overlapping windows of `data`, in order
+    (window i: inputs tokens [i T, (i+1) T), targets one token later), batch_size at a time;
+    fewer when the split is shorter."""
+    n = max(1, min(n, (len(data) - 1) // block_size))
+    xy = torch.from_numpy(data[:n * block_size + 1].astype("int64"))
+    x, y = xy[:-1].view(n, block_size), xy[1:].view(n, block_size)
+    return [(x[i:i + batch_size].to(device), y[i:i + batch_size].to(device))
+            for i in range(0, n, batch_size)]
+
+
+def evaluate(model, batches, cal_batches, held_batches, paper_batches, cfg, held_data,
+             decode=None, states=None, dtype="float32"):
+    """Per-depth PPL on `batches` (whose first loop states may be given). Halting two ways:
+    nanoloop's held-out protocol (calibrated on `cal_batches`, reported on the disjoint
+    `held_batches`, per token and per sequence, every policy) and the paper's (per sequence,
+    calibrated and reported on the same `paper_batches`, every policy). The sweep on the
+    held-out batches; the depth map of the start of `held_data`. The model runs in `dtype`
     (autocast); everything after collect is on the CPU."""
     K = model.config.n_loops
+    n = cfg.n_thresholds
     max_depth = cfg.max_depth or 2 * K
     ce, _ = collect(model, batches, max_depth, states, dtype)
-    mean_ce = ce.flatten(1).mean(dim=1).tolist()
+    mean_ce = ce.flatten(1).double().mean(dim=1).tolist()
     out = {"n_loops": K, "n_tokens": ce[0].numel(),
            "per_depth": {"k": list(range(1, max_depth + 1)), "ce": mean_ce,
                          "ppl": [math.exp(c) for c in mean_ce]},
-           "full_depth_ppl": math.exp(mean_ce[K - 1]), "target": cfg.target}
+           "full_depth_ppl": math.exp(mean_ce[K - 1]), "target": cfg.target,
+           "n_thresholds": n}
     cal = collect(model, cal_batches, K, dtype=dtype)
     held = collect(model, held_batches, K, dtype=dtype)
-    out["halting"] = {unit: {p: halting(cal, held, p, K, cfg.target, unit) for p in EXIT_POLICIES}
-                      for unit in EXIT_UNITS}
+    out["halting"] = {unit: {p: halting(cal, held, p, K, cfg.target, n, unit)
+                             for p in EXIT_POLICIES} for unit in EXIT_UNITS}
+    same = collect(model, paper_batches, K, dtype=dtype)
+    out["halting_paper"] = {p: halting(same, same, p, K, cfg.target, n, "sequence")
+                            | {"n_sequences": same[0].shape[1]} for p in EXIT_POLICIES}
     p, unit = cfg.policy, cfg.exit_unit
-    ts = thresholds(cal[1][p], p, K, cfg.n_thresholds, unit)
+    ts = threshold_grid(cal[1][p], p, K, n, unit)
     sweep = [adaptive_exit(held[0], held[1][p], p, t, K, unit) for t in ts]
     out["adaptive"] = {"policy": p, "exit_unit": unit, "threshold": ts,
                        "mean_loops": [s[0] for s in sweep], "ppl": [s[1] for s in sweep]}
@@ -283,10 +308,15 @@ def print_lens(out):
 # states when already computed (all_states, in the run's dtype). It computes on the model's
 # device and moves per-token vectors to the CPU for float64 statistics and for reading.
 
-def _stats(x):
-    """Mean and std of per-token values: on the CPU, in float64."""
-    x = x.cpu().double()
-    return {"mean": x.mean().item(), "std": x.std().item()}
+def wide(h):
+    """h in at least float32 (float64 stays float64): per-token statistics of bf16 states."""
+    return h.to(torch.promote_types(h.dtype, torch.float32))
+
+
+def rms(h):
+    """Per-token RMS of h [..., C], [..., 1], at least in float32; floored so that a zero state
+    divides."""
+    return wide(h).pow(2).mean(dim=-1, keepdim=True).sqrt().clamp(min=1e-9)
 
 
 @torch.no_grad()
@@ -297,112 +327,186 @@ def all_states(model, batches, dtype="float32"):
                                                       leave=False)]
 
 
-def lemma1(model, batches, states=None, dtype="float32", chunk_elems=2 ** 24):
-    """Lemma 1 on this checkpoint: per token, |cos(dCE/dh_K, h_K)|, with the readout in float64
-    on the CPU (the loops run as trained). Zero up to rounding for a scale-invariant last
-    readout; clearly non-zero for a scale-visible one."""
-    K = model.config.n_loops
+def radial_cos(model, batches, states, loop, chunk_elems=2 ** 24):
+    """Per token, |cos(dCE/dh_k, h_k)| at loop k: the radial fraction of the gradient the loss
+    sends into the state, with the model's own readout of loop k in float64 on the CPU."""
     readout = model.readout_copy("cpu", torch.float64)  # the model's own decode, in float64
     rows = max(1, chunk_elems // model.config.vocab_size)  # float64 [rows, V] logits at a time
     cos = []
-    for (_, y), hs in zip(batches, states or all_states(model, batches, dtype)):
-        h, y = hs[-1].cpu().double().flatten(0, 1), y.cpu().flatten()
-        # a token's gradient depends on its own readout only, so the batch's mean CE can be
-        # taken in row chunks (a GPT-2 vocabulary's [B*T, V] float64 logits are ~7 GB)
+    for (_, y), hs in zip(batches, states):
+        h, y = hs[loop - 1].cpu().double().flatten(0, 1), y.cpu().flatten()
+        # a token's gradient depends on its own readout only, so the CE can be taken in row
+        # chunks (a GPT-2 vocabulary's [B*T, V] float64 logits are ~7 GB); summed, not
+        # averaged, so that a sure token's gradient stays far above any floor of a cosine
         for hc, yc in zip(h.split(rows), y.split(rows)):
             hc = hc.detach().requires_grad_(True)
-            ce = F.cross_entropy(readout(hc, K), yc, reduction="sum") / len(h)
+            ce = F.cross_entropy(readout(hc, loop), yc, reduction="sum")
             (g,) = torch.autograd.grad(ce, hc)
-            cos.append(F.cosine_similarity(g, hc, dim=-1).abs())
-    cos = torch.cat(cos)
-    return {"max_abs_cos": cos.max().item(), "mean_abs_cos": cos.mean().item(),
-            "n_tokens": cos.numel()}
+            lengths = g.norm(dim=-1) * hc.detach().norm(dim=-1)
+            dot = (g * hc.detach()).sum(dim=-1).abs()
+            cos.append(torch.where(lengths > 0, dot / lengths, torch.zeros_like(dot)))
+    return torch.cat(cos)
+
+
+def lemma1(model, batches, states=None, dtype="float32", chunk_elems=2 ** 24):
+    """Lemma 1 on this checkpoint: per token, |cos(dCE/dh_K, h_K)| (radial_cos, the loops run as
+    trained, the readout in float64): zero up to rounding for a scale-invariant last readout,
+    clearly non-zero for a scale-visible one. Also its mean at loops 1 and K, the paper's
+    radial fraction of the gradient at the two ends."""
+    K = model.config.n_loops
+    states = states or all_states(model, batches, dtype)
+    cos = {k: radial_cos(model, batches, states, k, chunk_elems) for k in sorted({1, K})}
+    return {"max_abs_cos": cos[K].max().item(), "mean_abs_cos": cos[K].mean().item(),
+            "n_tokens": cos[K].numel(),
+            "radial_fraction": {"loop": list(cos), "mean_abs_cos": [c.mean().item()
+                                                                    for c in cos.values()]}}
 
 
 @torch.no_grad()
-def decomposition(model, batches, states=None, dtype="float32"):
-    """Lemma 2, measured. For loop k -> k+1, u = h_k / ||h_k||, d = h_{k+1} - h_k: the radial part
-    a_rad = <d, u>, the tangential part ||d - a_rad u||, the angle between h_k and h_{k+1}, and
-    the predicted angle tangential / ||h_k||: a big state barely turns, it only grows."""
-    parts = {}
-    for hs in states or all_states(model, batches, dtype):
-        for k, (h, h_next) in enumerate(zip(hs, hs[1:]), start=1):
-            norm = h.norm(dim=-1)
-            d = h_next - h
-            a_rad = (d * h).sum(-1) / norm
-            tangential = (d - a_rad[..., None] * h / norm[..., None]).norm(dim=-1)
-            cos = F.cosine_similarity(h, h_next, dim=-1).clamp(-1, 1)
-            for name, v in (("norm", norm), ("radial", a_rad), ("tangential", tangential),
-                            ("update", d.norm(dim=-1)), ("angle", torch.arccos(cos)),
-                            ("predicted_angle", tangential / norm)):
-                parts.setdefault(k, {}).setdefault(name, []).append(v.flatten())
-    return {k: {name: _stats(torch.cat(v)) for name, v in p.items()} for k, p in parts.items()}
+def lemma2(model, batches, states=None, dtype="float32", n_loops=30):
+    """Lemma 2 as the paper checks it: the trained block run for n_loops loops, far past K, and
+    per loop, in RMS units (s = RMS(h) per token, u = h / s): s_k, the radial increment
+    a_k = <u_k, h_{k+1} - h_k>, the angular step du_k = ||u_{k+1} - u_k|| and du_k * s_k, each a
+    mean over tokens (and batches). For h + B(Norm(h)) the lemma predicts a_k and du_k * s_k
+    about constant as s_k grows: a large state only grows, its direction barely turns."""
+    series = []  # per batch: [s (n), a (n-1), du (n-1), du * s (n-1)], on the device
+    for x, _ in tqdm(batches, desc="lemma 2", unit="batch", leave=False):
+        h = model.embed(x)
+        s_k, a_k, du_k, b_k = [], [], [], []
+        prev = None  # (s, u, h) of the loop before, in float32
+        for k in range(1, n_loops + 1):
+            with amp(model, dtype):
+                h = model.loop(h, k)
+            hf = wide(h)
+            s = rms(hf)
+            u = hf / s
+            s_k.append(s.mean())
+            if prev is not None:
+                s0, u0, h0 = prev
+                du = (u - u0).norm(dim=-1)
+                a_k.append((u0 * (hf - h0)).sum(dim=-1).mean())
+                du_k.append(du.mean())
+                b_k.append((du * s0[..., 0]).mean())
+            prev = (s, u, hf)
+        series.append([torch.stack(v) if v else torch.zeros(0) for v in (s_k, a_k, du_k, b_k)])
+    means = [torch.stack(part).cpu().double().mean(dim=0).tolist() for part in zip(*series)]
+    return {"n_loops": n_loops, "s": means[0], "radial_increment": means[1],
+            "angular_step": means[2], "angular_step_x_s": means[3]}
 
 
-def readout_ce(model, h, k, y, dtype="float32"):
-    """Mean CE of the readout of h at loop k, in float32 (the readout in the run's dtype)."""
+def readout_ce(model, h, k, y, dtype="float32", n_loops=None):
+    """Mean CE of the readout of h at loop k, in at least float32 (the readout in the run's
+    dtype)."""
     with amp(model, dtype):
-        logits = model.readout(h, k)
-    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        logits = model.readout(h, k, n_loops)
+    return F.cross_entropy(wide(logits).flatten(0, 1), y.flatten())
 
 
 @torch.no_grad()
-def clamped_loop_ce(model, x, y, ref_norms=None, dtype="float32"):
-    """CE at each exit [K] when every state's per-token norm is reset to a reference (default:
-    its loop-1 norm) before it is decoded and fed to the next loop; the direction is kept."""
+def variable_depth(model, batches, states=None, dtype="float32", factor=3):
+    """The model run for K' = 1..3K loops, its last loop decoded by its readout's own rule for
+    a run of K' loops (final_only RMSNorms loop K' whatever K' is): val CE, PPL and ||h_K'||
+    (mean per-token norm) per depth, the paper's variable-depth analysis. At K' < K this is not
+    the early exit of per_depth, which decodes loop K' of the trained K-loop model."""
+    D = factor * model.config.n_loops
+    ce, norm = [], []
+    for i, (x, y) in enumerate(tqdm(batches, desc="depths", unit="batch", leave=False)):
+        hs = list(states[i]) if states else []
+        h = None if hs else model.embed(x)
+        ce_b, norm_b = [], []
+        for k in range(1, D + 1):
+            if k <= len(hs):
+                h = hs[k - 1]
+            else:
+                with amp(model, dtype):
+                    h = model.loop(h, k)
+            ce_b.append(readout_ce(model, h, k, y, dtype, n_loops=k))
+            norm_b.append(wide(h).norm(dim=-1).mean())
+        ce.append(torch.stack(ce_b))
+        norm.append(torch.stack(norm_b))
+    ce = torch.stack(ce).cpu().double().mean(dim=0).tolist()
+    return {"k": list(range(1, D + 1)), "ce": ce, "ppl": [math.exp(c) for c in ce],
+            "hidden_norm": torch.stack(norm).cpu().double().mean(dim=0).tolist()}
+
+
+CLAMP_MODES = ("none", "freeze_loop1", "remove_radial")
+
+
+@torch.no_grad()
+def clamped_states(model, x, mode, dtype="float32"):
+    """The states h_1..h_K when each loop's output is clamped before it is decoded and fed to
+    the next loop (the paper's radial clamp). none: as trained. freeze_loop1: every later state
+    rescaled to its token's loop-1 RMS, the direction kept. remove_radial: the part of each
+    loop's update d = h_k - h_{k-1} along h_{k-1} removed, h_k = h_{k-1} + d - <d, u> u with
+    u = h_{k-1} / ||h_{k-1}|| (loop 1 as it is)."""
     h = model.embed(x)
-    ces = []
+    first = prev = None
+    states = []
     for k in range(1, model.config.n_loops + 1):
         with amp(model, dtype):
             h = model.loop(h, k)
-        norm = h.norm(dim=-1, keepdim=True)
-        if ref_norms is not None:
-            ref = ref_norms[k - 1]
-        elif k == 1:
-            ref = norm  # every later state is brought back to its token's loop-1 norm
-        h = h * (ref / norm)
-        ces.append(readout_ce(model, h, k, y, dtype))
-    return torch.stack(ces)
+        if mode == "freeze_loop1" and first is not None:
+            h = (wide(h) * (first / rms(h))).to(h.dtype)
+        elif mode == "remove_radial" and prev is not None:
+            p, d = wide(prev), wide(h) - wide(prev)
+            along = (d * p).sum(dim=-1, keepdim=True) / p.pow(2).sum(dim=-1, keepdim=True)
+            h = (wide(h) - along * p).to(h.dtype)
+        if first is None:
+            first = rms(h)
+        states.append(h)
+        prev = h
+    return states
 
 
 @torch.no_grad()
 def clamp(model, batches, states=None, dtype="float32"):
-    """CE per exit with and without the radial clamp (clamped_loop_ce), over the batches."""
-    plain, clamped = [], []
-    for (x, y), hs in zip(batches, states or all_states(model, batches, dtype)):
-        plain.append(torch.stack([readout_ce(model, h, k, y, dtype)
-                                  for k, h in enumerate(hs, 1)]))
-        clamped.append(clamped_loop_ce(model, x, y, dtype=dtype))
-    plain, clamped = torch.stack(plain).cpu().tolist(), torch.stack(clamped).cpu().tolist()
-    return {"unclamped_ce": [sum(c) / len(plain) for c in zip(*plain)],
-            "clamped_ce": [sum(c) / len(clamped) for c in zip(*clamped)]}
+    """CE and ||h_k|| (mean per-token norm) per exit under each clamp mode (clamped_states):
+    does the readout use the scale the recurrence builds?"""
+    out = {"modes": list(CLAMP_MODES), "ce": {}, "hidden_norm": {}}
+    for mode in CLAMP_MODES:
+        ce, norm = [], []
+        for (x, y) in batches:
+            hs = clamped_states(model, x, mode, dtype)
+            ce.append(torch.stack([readout_ce(model, h, k, y, dtype)
+                                   for k, h in enumerate(hs, 1)]))
+            norm.append(torch.stack([wide(h).norm(dim=-1).mean() for h in hs]))
+        out["ce"][mode] = torch.stack(ce).cpu().double().mean(dim=0).tolist()
+        out["hidden_norm"][mode] = torch.stack(norm).cpu().double().mean(dim=0).tolist()
+    return out
+
+
+SCALE_ALPHAS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)  # the paper's
 
 
 @torch.no_grad()
-def scale(model, batches, states=None, dtype="float32", alphas=(0.1, 0.3, 1.0, 3.0, 10.0)):
+def scale(model, batches, states=None, dtype="float32", alphas=SCALE_ALPHAS):
     """CE of the last loop's readout of alpha * h_K: flat for a scale-invariant readout."""
     K = model.config.n_loops
     ce = [torch.stack([readout_ce(model, a * hs[-1], K, y, dtype) for a in alphas])
           for (_, y), hs in zip(batches, states or all_states(model, batches, dtype))]
-    ce = torch.stack(ce).cpu().tolist()  # [batch][alpha]
-    return {"alpha": list(alphas), "ce": [sum(c / len(ce) for c in col) for col in zip(*ce)]}
+    ce = torch.stack(ce).cpu().double().mean(dim=0).tolist()
+    return {"alpha": list(alphas), "ce": ce}
 
 
 @torch.no_grad()
 def spread(model, batches, states=None, dtype="float32", bins=40):
-    """Per-token ||h_k|| at each loop: p50 / p90 / p99 / max, and a log-binned histogram of the
-    last loop's."""
+    """Per-token ||h_k|| at each loop: p50 / p90 / p99 / max; of the last loop's also the mean,
+    std and min (the paper's token norm statistics) and a log-binned histogram."""
     per_batch = [[h.norm(dim=-1).flatten() for h in hs]
                  for hs in states or all_states(model, batches, dtype)]
     # to the CPU: quantiles in float64 (MPS has none) and torch.histogram (CPU-only)
     norms = [torch.cat(n).cpu().double() for n in zip(*per_batch)]
     q = torch.tensor([0.5, 0.9, 0.99, 1.0], dtype=torch.float64)
-    last = norms[-1].clamp(min=1e-12)
-    lo, hi = last.min().log10().item(), last.max().log10().item() + 1e-9
+    last = norms[-1]
+    floor = last.clamp(min=1e-12)
+    lo, hi = floor.min().log10().item(), floor.max().log10().item() + 1e-9
     edges = torch.logspace(lo, hi, bins + 1, dtype=torch.float64)
     return {"quantiles": ["p50", "p90", "p99", "max"],
             "per_loop": [torch.quantile(n, q).tolist() for n in norms],
-            "hist_edges": edges.tolist(), "hist_counts": torch.histogram(last, edges).hist.tolist()}
+            "last_loop": {"mean": last.mean().item(), "std": last.std().item(),
+                          "min": last.min().item(), "n_tokens": last.numel()},
+            "hist_edges": edges.tolist(),
+            "hist_counts": torch.histogram(floor, edges).hist.tolist()}
 
 
 # ---- early exit in wall-clock time -----------------------------------------------------------
@@ -450,6 +554,31 @@ def speed(model, data, halt, cfg, dtype="float32"):
     return out
 
 
+@torch.no_grad()
+def frontier(model, x, ppl, rounds, dtype="float32"):
+    """The compute-quality frontier: tokens/s of a full forward pass at each depth k = 1..K (k
+    loops, then the readout of every position at loop k) on the batch x, beside the PPL of the
+    exit at loop k (per_depth), with no training-free trick: what each fixed depth costs. The
+    depths alternate round by round after an untimed warm-up; the median round counts."""
+    K = model.config.n_loops
+    device = x.device
+    times = {k: [] for k in range(1, K + 1)}
+    for r in tqdm(range(rounds + 1), desc="frontier", leave=False):
+        for k in times:
+            synchronize(device)
+            start = time.perf_counter()
+            with amp(model, dtype):
+                h = model.embed(x)
+                for j in range(1, k + 1):
+                    h = model.loop(h, j)
+                model.readout(h, k)
+            synchronize(device)
+            if r:
+                times[k].append(time.perf_counter() - start)
+    return {"k": list(times), "batch_size": x.size(0), "ppl": ppl[:K],
+            "tokens_per_s": [x.numel() / statistics.median(ts) for ts in times.values()]}
+
+
 def print_speed(s, K):
     t = "none" if s["threshold"] is None else f"{s['threshold']:.4g}"
     print(f"generation with the KV cache, {s['new_tokens']} tokens: all {K} loops vs "
@@ -462,6 +591,13 @@ def print_speed(s, K):
               f"{up:>8.2f}x {r['exit']['mean_loops']:>7.2f}/{K}")
 
 
+def print_frontier(f):
+    print(f"compute-quality frontier (a full forward pass of batch {f['batch_size']}):")
+    print("depth k       " + " ".join(f"{k:>9}" for k in f["k"]))
+    print("tokens/s      " + " ".join(f"{t:9.0f}" for t in f["tokens_per_s"]))
+    print("val PPL at k  " + " ".join(f"{p:9.3f}" for p in f["ppl"]))
+
+
 def print_depth(out, K):
     print("exit depth k : " + " ".join(f"{k:>6}" for k in out["per_depth"]["k"]))
     print("val PPL      : " + " ".join(f"{p:6.3f}" for p in out["per_depth"]["ppl"]))
@@ -472,30 +608,46 @@ def print_depth(out, K):
         for p, h in policies.items():
             t = "none" if h["threshold"] is None else f"{h['threshold']:.4g}"
             print(f"{p:<14} {unit:<9} {h['mean_loops']:>7.2f}/{K} {h['ratio']:>10.4f} {t:>10}")
+    n = next(iter(out["halting_paper"].values()))["n_sequences"]
+    print(f"halting as the paper measures it (per sequence, calibrated and reported on the same "
+          f"first {n} windows of val):")
+    for p, h in out["halting_paper"].items():
+        t = "none" if h["threshold"] is None else f"{h['threshold']:.4g}"
+        print(f"{p:<14} {'sequence':<9} {h['mean_loops']:>7.2f}/{K} {h['ratio']:>10.4f} {t:>10}")
 
 
 def print_diagnostics(out, K):
     if "lemma1" in out:
         c = out["lemma1"]
+        r = c["radial_fraction"]
+        ends = ", ".join(f"loop {k} {v:.3g}" for k, v in zip(r["loop"], r["mean_abs_cos"]))
         print(f"Lemma 1 at loop K (float64, {c['n_tokens']} tokens): |cos(dCE/dh_K, h_K)| "
-              f"max {c['max_abs_cos']:.3g}, mean {c['mean_abs_cos']:.3g}")
-    if "decomposition" in out:
-        print("loop k->k+1   ||h_k||   radial a_rad   tangential   angle (rad)   "
-              "predicted tangential/||h_k||")
-        for k, d in out["decomposition"].items():
-            print(f"{k:>4}->{int(k) + 1:<6} {d['norm']['mean']:9.4g} "
-                  f"{d['radial']['mean']:9.4g} +- {d['radial']['std']:<7.2g}"
-                  f"{d['tangential']['mean']:9.4g}  "
-                  f"{d['angle']['mean']:10.4f} +- {d['angle']['std']:<7.2g}"
-                  f"{d['predicted_angle']['mean']:10.4f}")
+              f"max {c['max_abs_cos']:.3g}, mean {c['mean_abs_cos']:.3g}; radial fraction of "
+              f"the gradient (mean |cos|): {ends}")
+    if "endpoint" in out:
+        e = out["endpoint"]
+        print(f"endpoint: CE gap ln PPL_1 - ln PPL_K = {e['ce_gap']:.4f}")
+    if "lemma2" in out:
+        c = out["lemma2"]
+        print(f"Lemma 2 over {c['n_loops']} loops (RMS units; k -> k+1):")
+        print("   k       s_k    a_k (radial)   ||du_k||   ||du_k|| * s_k")
+        for k in range(c["n_loops"] - 1):
+            print(f"{k + 1:>4} {c['s'][k]:9.4g} {c['radial_increment'][k]:14.4g} "
+                  f"{c['angular_step'][k]:10.4g} {c['angular_step_x_s'][k]:16.4g}")
+    if "variable_depth" in out:
+        v = out["variable_depth"]
+        print("depth K' (own rule)  " + " ".join(f"{k:>7}" for k in v["k"]))
+        print("val PPL              " + " ".join(f"{p:7.3f}" for p in v["ppl"]))
+        print("||h_K'||             " + " ".join(f"{n:7.3g}" for n in v["hidden_norm"]))
     if "clamp" in out:
         c = out["clamp"]
-        print("exit k            " + " ".join(f"{k:>7}" for k in range(1, K + 1)))
-        print("CE unclamped      " + " ".join(f"{v:7.4f}" for v in c["unclamped_ce"]))
-        print("CE radial clamp   " + " ".join(f"{v:7.4f}" for v in c["clamped_ce"]))
+        print("exit k               " + " ".join(f"{k:>7}" for k in range(1, K + 1)))
+        for mode in c["modes"]:
+            print(f"CE {mode:<17} " + " ".join(f"{v:7.4f}" for v in c["ce"][mode]))
+            print(f"||h_k|| {mode:<13} " + " ".join(f"{v:7.3g}" for v in c["hidden_norm"][mode]))
     if "scale" in out:
-        print("alpha (x h_K)     " + " ".join(f"{a:>7g}" for a in out["scale"]["alpha"]))
-        print("CE at loop K      " + " ".join(f"{v:7.4f}" for v in out["scale"]["ce"]))
+        print("alpha (x h_K)        " + " ".join(f"{a:>7g}" for a in out["scale"]["alpha"]))
+        print("CE at loop K         " + " ".join(f"{v:7.4f}" for v in out["scale"]["ce"]))
     if "spread" in out:
         print("loop   ||h_k|| p50       p90       p99       max")
         for k, q in enumerate(out["spread"]["per_loop"], start=1):
@@ -566,15 +718,23 @@ def main(argv=None):
     if cfg.run in ("depth", "all"):
         cal, held, held_data = split_batches(data["val"], cfg.eval_iters, bsz, run["block_size"],
                                              device)
-        out.update(evaluate(model, batches, cal, held, cfg, held_data, decode, shared, dtype))
+        paper = windows(data["val"], cfg.eval_iters * bsz, bsz, run["block_size"], device)
+        out.update(evaluate(model, batches, cal, held, paper, cfg, held_data, decode, shared,
+                            dtype))
         save()
     if cfg.run in ("lens", "all"):
         out["lens"] = lens(model, ids, decode, dtype)
         save()
     for name in DIAGNOSTICS:
         if cfg.run in (name, "all"):
-            out[name] = globals()[name](model, batches, shared, dtype)
+            extra = {"n_loops": cfg.lemma2_loops} if name == "lemma2" else {}
+            out[name] = globals()[name](model, batches, shared, dtype, **extra)
             save()
+    if "per_depth" in out and "lemma1" in out:  # the paper's endpoint metrics
+        ce = out["per_depth"]["ce"]
+        out["endpoint"] = {"ce_gap": ce[0] - ce[K - 1],
+                           "radial_fraction": out["lemma1"]["radial_fraction"]}
+        save()
     if cfg.run == "speed":
         if "halting" not in out:
             die(f"{path} has no calibrated halting yet; run eval.py --run=depth (or all) on "
@@ -582,12 +742,19 @@ def main(argv=None):
         held_data = data["val"][len(data["val"]) // 2:]  # split_batches' held-out half
         out["speed"] = speed(model, held_data, out["halting"]["token"][cfg.policy], cfg, dtype)
         save()
+        x = windows(data["val"], bsz, bsz, run["block_size"], device)[0][0]
+        out["frontier"] = frontier(model, x, out["per_depth"]["ppl"], cfg.rounds, dtype)
+        save()
         print_speed(out["speed"], K)
+        print_frontier(out["frontier"])
     if cfg.run in ("depth", "all"):
         print_depth(out, K)
     if cfg.run in ("lens", "all"):
         print_lens(out["lens"])
-    print_diagnostics({k: v for k, v in out.items() if cfg.run in (k, "all")}, K)
+    shown = {k: v for k, v in out.items() if cfg.run in (k, "all")}
+    if cfg.run in ("lemma1", "all") and "endpoint" in out:
+        shown["endpoint"] = out["endpoint"]
+    print_diagnostics(shown, K)
     print(f"wrote {path}")
     return out
 

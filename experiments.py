@@ -30,16 +30,45 @@ import textwrap
 import torch
 
 from configurator import NONEMPTY, at_least, check, one_of, parse
+from model import READOUTS
 from plot_norms import condition, load_run
-from rundir import atomic_write_text, die
+from rundir import atomic_write_text, die, model_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# the paper's Table 1: (supervision, readout, norm_penalty)
-CONDITIONS = [("terminal", "rmsnorm", 0.0), ("terminal", "scale_visible", 0.0),
-              ("per_loop", "rmsnorm", 0.0), ("per_loop", "scale_visible", 0.0),
-              ("per_loop", "final_only", 0.0), ("terminal", "rmsnorm", 0.01),
-              ("per_loop", "rmsnorm", 0.01)]
+# The paper's official 44M configs as nanoloop conditions, (supervision, readout,
+# norm_penalty): the six of its configs/44m (its seventh, "base", repeats the first).
+OFFICIAL = {("terminal", "rmsnorm", 0.0): "terminal + RMSNorm",
+            ("terminal", "scale_visible", 0.0): "terminal + raw",
+            ("per_loop", "rmsnorm", 0.0): "per-loop + RMSNorm",
+            ("per_loop", "scale_visible", 0.0): "per-loop + raw",
+            ("per_loop", "final_only", 0.0): "per-loop + final-only norm",
+            ("terminal", "rmsnorm", 0.01): "terminal + norm penalty"}
+# Table 1: the six, and per-loop + norm penalty, which no official 44M config has
+CONDITIONS = [*OFFICIAL, ("per_loop", "rmsnorm", 0.01)]
+
+
+def official_condition(config):
+    """The paper's official 44M config this run's condition is, or None (loop norm, per-loop +
+    penalty, the alpha readout, another lambda: nanoloop's own rows)."""
+    if config.get("loop_norm"):
+        return None
+    return OFFICIAL.get((config["supervision"], config["readout"],
+                         float(config.get("norm_penalty", 0.0))))
+
+
+VISIBLE = ("scale visible to the loss: some trained exit's readout shows the scale, or a norm "
+           "penalty; on the six official conditions, the paper's grouping")
+
+
+def loss_sees_scale(config):
+    """Is the scale of some h_k visible to the loss? Some trained exit's readout shows it, or a
+    norm penalty puts it in the loss. On the six official conditions this is the paper's
+    grouping (raw, final-only and norm-penalty runs visible, the others not)."""
+    cfg = model_config(config)
+    hides = READOUTS[cfg.readout].hides_scale
+    return cfg.norm_penalty > 0 or any(not hides(cfg, k, cfg.n_loops)
+                                       for k in cfg.trained_loops())
 
 
 def preset_file(v):
@@ -136,12 +165,13 @@ def table1(cfg):
             norms.append(last["hidden_norm"][-1])
             ppls.append(math.exp(last["val_loop_ce"][-1]))
         rows.append({"condition": condition(last["config"]), "hidden_norm_K": spread(norms),
-                     "ppl": spread(ppls), "seeds": cfg.seeds})
-    print(f"{'condition':<36} {'||h_K||':>22} {'final PPL':>18}")
+                     "ppl": spread(ppls), "seeds": cfg.seeds,
+                     "official": official_condition(last["config"])})
+    print(f"{'condition':<36} {'||h_K||':>22} {'final PPL':>18}  official 44M config")
     for r in rows:
         n, p = r["hidden_norm_K"], r["ppl"]
         print(f"{r['condition']:<36} {n['mean']:>11.4g} +- {n['std']:<8.3g} "
-              f"{p['mean']:>8.3f} +- {p['std']:<6.3f}")
+              f"{p['mean']:>8.3f} +- {p['std']:<6.3f}  {r['official'] or '(none: an extra row)'}")
     return rows
 
 
@@ -156,7 +186,9 @@ def run_figures(folder, replicate="."):
     return {"run": os.path.basename(folder.rstrip("/")), "replicate": replicate,
             "config": log[-1]["config"], "hidden_norm": log[-1]["hidden_norm"],
             "ppl": ev["per_depth"]["ppl"][:ev["n_loops"]] if ev else None,
-            "halting": ev.get("halting"), "lemma1": ev.get("lemma1"), "speed": ev.get("speed")}
+            "halting": ev.get("halting"), "halting_paper": ev.get("halting_paper"),
+            "lemma1": ev.get("lemma1"), "endpoint": ev.get("endpoint"),
+            "speed": ev.get("speed")}
 
 
 def is_baseline(config):
@@ -178,10 +210,11 @@ def baseline_for(run, runs):
 # Each claim: what it says, and how one of its figures is written (label, value).
 CLAIMS = [
     ("rmsnorm's ||h_K|| >= 10x every scale-controlled run's", "{} x{:.1f}"),
-    ("scale_visible and penalty runs have lower PPL than rmsnorm at every exit depth 2..K",
-     "{}: smallest PPL gain {:.3f}"),
-    ("Lemma 1: |cos(dCE/dh_K, h_K)| < 1e-6 per token for rmsnorm (float64), clearly non-zero "
-     "(mean > 1e-3) for scale_visible", "{}: {:.2g}"),
+    ("per-loop scale_visible and penalty runs have lower PPL than per-loop rmsnorm at every "
+     "exit depth 2..K", "{}: smallest PPL gain {:.3f}"),
+    ("Lemma 1: |cos(dCE/dh_K, h_K)| < 1e-6 per token for rmsnorm (float64; the norm's eps 1e-6 "
+     "leaves about eps / mean(h_K^2)), clearly non-zero (mean > 1e-3) for scale_visible",
+     "{}: {:.2g}"),
     ("loop norm keeps ||h_k|| flat across loops (max/min <= 1.5)", "{}: max/min {:.2f}"),
 ]
 RULE = "held: held in every seed"
@@ -201,11 +234,13 @@ def judge(runs):
             values[0][r["run"]] = base["hidden_norm"][-1] / r["hidden_norm"][-1]
     held[0] = bool(values[0]) and min(values[0].values()) >= 10
 
-    # (2) scale-visible readout and norm penalty beat rmsnorm at every exit depth 2..K
+    # (2) scale-visible readout and norm penalty beat rmsnorm at every exit depth 2..K; a
+    # terminal run's exits before K are not trained, so only per-loop runs are judged
     for r in controlled:
         base = baseline_for(r, runs)
         fix = r["config"]["readout"] == "scale_visible" or r["config"]["norm_penalty"] > 0
-        if fix and base and r["ppl"] and base["ppl"] and not r["config"]["loop_norm"]:
+        fix = fix and r["config"]["supervision"] == "per_loop" and not r["config"]["loop_norm"]
+        if fix and base and r["ppl"] and base["ppl"]:
             values[1][r["run"]] = min(b - p for p, b in zip(r["ppl"][1:], base["ppl"][1:]))
     held[1] = bool(values[1]) and min(values[1].values()) > 0
 
@@ -303,11 +338,15 @@ def conditions(runs, policy="logit_margin"):
         # its condition among the runs of its seed (runs of other seeds differ in the seed)
         mates = [r["config"] for r in runs if r["replicate"] == rs[0]["replicate"]]
         row = {"run": name, "condition": condition(rs[0]["config"], mates), "seeds": len(rs),
+               "official": official_condition(rs[0]["config"]),
                "hidden_norm_K": spread([r["hidden_norm"][-1] for r in rs]),
                "ppl_per_depth": [spread([r["ppl"][k] for r in rs]) for k in range(K)],
                "halting": halting_spread([r["halting"] for r in rs])}
         row["ppl"] = row["ppl_per_depth"][-1]
         row["mean_loops"] = row["halting"]["token"][policy]["mean_loops"]
+        papers = [r["halting_paper"] for r in rs if r.get("halting_paper")]
+        if len(papers) == len(rs):
+            row["halting_paper"] = halting_spread([{"sequence": h} for h in papers])["sequence"]
         fast = [r["speed"] for r in rs if r["speed"]]
         if fast:
             row["speed"] = speed_row(fast)
@@ -343,17 +382,101 @@ def speed_row(speeds):
     return out
 
 
+# ---- the paper's endpoint metrics: loss placement x scale visibility ---------------------------
+
+def rank(values):
+    """Ranks 1..n, ties given the mean of the ranks they span (Spearman's convention)."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for t in order[i:j + 1]:
+            ranks[t] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def pearson(xs, ys):
+    """Pearson's r, or NaN when either side does not vary (or has fewer than 2 points)."""
+    n = len(xs)
+    if n < 2:
+        return math.nan
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sx = math.sqrt(sum((x - mx) ** 2 for x in xs))
+    sy = math.sqrt(sum((y - my) ** 2 for y in ys))
+    return sxy / (sx * sy) if sx > 0 and sy > 0 else math.nan
+
+
+def endpoint(runs):
+    """The paper's endpoint table and correlation. Per run (over seeds): does the loss train
+    every loop (per-loop)? does it see the scale (loss_sees_scale)? PPL at depth 1 and K, the
+    CE gap ln PPL_1 - ln PPL_K, the radial fraction of the gradient (mean |cos(dCE/dh_k, h_k)|)
+    at loops 1 and K, ||h_K||. Across every run of every seed: Pearson's and Spearman's
+    correlation of log10 radial fraction at K (floored at 1e-12) with log10 ||h_K||, over all
+    runs and over the paper's four core conditions (terminal / per-loop x RMSNorm / raw)."""
+    done = [r for r in runs if r.get("endpoint") and r["ppl"]]
+    rows = []
+    for name in dict.fromkeys(r["run"] for r in done):
+        rs = [r for r in done if r["run"] == name]
+        radial = [r["endpoint"]["radial_fraction"]["mean_abs_cos"] for r in rs]
+        rows.append({"run": name, "official": official_condition(rs[0]["config"]),
+                     "per_loop_loss": rs[0]["config"]["supervision"] == "per_loop",
+                     "scale_visible": loss_sees_scale(rs[0]["config"]),
+                     "ppl_1": spread([r["ppl"][0] for r in rs]),
+                     "ppl_K": spread([r["ppl"][-1] for r in rs]),
+                     "ce_gap": spread([r["endpoint"]["ce_gap"] for r in rs]),
+                     "radial_fraction_1": spread([v[0] for v in radial]),
+                     "radial_fraction_K": spread([v[-1] for v in radial]),
+                     "hidden_norm_K": spread([r["hidden_norm"][-1] for r in rs])})
+    rows.sort(key=lambda row: (row["per_loop_loss"], row["scale_visible"]))
+    core = set(list(OFFICIAL.values())[:4])
+    correlation = {}
+    for group, members in (("all runs", done),
+                           ("the four core conditions",
+                            [r for r in done if official_condition(r["config"]) in core])):
+        xs = [math.log10(max(r["endpoint"]["radial_fraction"]["mean_abs_cos"][-1], 1e-12))
+              for r in members]
+        ys = [math.log10(r["hidden_norm"][-1]) for r in members]
+        correlation[group] = {"n": len(members), "pearson": pearson(xs, ys),
+                              "spearman": pearson(rank(xs), rank(ys))}
+    return {"rows": rows, "correlation": correlation, "scale_visible": VISIBLE}
+
+
+def print_endpoint(e):
+    if not e["rows"]:
+        return
+    print("\nendpoint metrics (mean over seeds): loss placement x scale visible to the loss")
+    print(f"{'run':<22} {'per-loop':>8} {'visible':>8} {'PPL k=1':>10} {'PPL k=K':>10} "
+          f"{'CE gap':>8} {'radial 1':>9} {'radial K':>9} {'||h_K||':>9}  official 44M config")
+    for r in e["rows"]:
+        yes = {True: "yes", False: "no"}
+        print(f"{r['run']:<22} {yes[r['per_loop_loss']]:>8} {yes[r['scale_visible']]:>8} "
+              f"{r['ppl_1']['mean']:>10.3f} {r['ppl_K']['mean']:>10.3f} "
+              f"{r['ce_gap']['mean']:>8.3f} {r['radial_fraction_1']['mean']:>9.2g} "
+              f"{r['radial_fraction_K']['mean']:>9.2g} {r['hidden_norm_K']['mean']:>9.4g}  "
+              f"{r['official'] or '-'}")
+    for group, c in e["correlation"].items():
+        print(f"log10 radial fraction at K vs log10 ||h_K||, {group} (n={c['n']}): "
+              f"Pearson {c['pearson']:.3f}, Spearman {c['spearman']:.3f}")
+
+
 def print_conditions(rows, policy="logit_margin"):
     if not rows:
         return
     n = max(r["seeds"] for r in rows)
     over = f"mean+-std over {n} seeds" if n > 1 else "one seed"
     print(f"\nper run ({over}; mean loops: calibrated halting, {policy} per token)")
-    print(f"{'run':<22} {'condition':<52} {'||h_K||':>13} {'PPL':>13} {'mean loops':>11}")
+    print(f"{'run':<22} {'condition':<52} {'||h_K||':>13} {'PPL':>13} {'mean loops':>11}  "
+          f"official 44M config")
     for r in rows:
         norm = pm(r["hidden_norm_K"], "{:.4g}", "{:.3g}")
         print(f"{r['run']:<22} {r['condition']:<52} {norm:>13} "
-              f"{pm(r['ppl']):>13} {pm(r['mean_loops'], '{:.2f}'):>11}")
+              f"{pm(r['ppl']):>13} {pm(r['mean_loops'], '{:.2f}'):>11}  "
+              f"{r['official'] or '- (not in the paper)'}")
     print("\nPPL at exit depth k = 1..K")
     for r in rows:
         print(f"{r['run']:<22} " + " ".join(f"{pm(s):>13}" for s in r["ppl_per_depth"]))
@@ -368,6 +491,15 @@ def print_conditions(rows, policy="logit_margin"):
     for r in rows:
         cells = [" ".join(f"{cell(h):<22}" for h in r["halting"][u].values()) for u in units]
         print(f"{r['run']:<22} " + " | ".join(cells).rstrip())
+    paper = [r for r in rows if "halting_paper" in r]
+    if paper:
+        print("\ncalibrated halting as the paper measures it (per sequence, calibrated and "
+              "reported on the same batches): mean loops, PPL / full-depth PPL (its mean)")
+        print(f"{'run':<22} " + " ".join(f"{p + ' sequence':<22}"
+                                         for p in paper[0]["halting_paper"]).rstrip())
+        for r in paper:
+            cells = " ".join(f"{cell(h):<22}" for h in r["halting_paper"].values())
+            print(f"{r['run']:<22} {cells}".rstrip())
     fast = [r for r in rows if "speed" in r]
     if fast:
         s = fast[0]["speed"]
@@ -417,8 +549,11 @@ def main(argv=None):
     print_claims(claims)
     rows = conditions(runs)
     print_conditions(rows)
+    ends = endpoint(runs)
+    print_endpoint(ends)
     path = os.path.join(cfg.out_dir, "claims.json")
-    atomic_write_text(path, json.dumps({"rule": RULE, "claims": claims, "runs": rows}, indent=1))
+    atomic_write_text(path, json.dumps({"rule": RULE, "claims": claims, "runs": rows,
+                                        "endpoint": ends}, indent=1))
     print(f"wrote {path}")
     return claims
 

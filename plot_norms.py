@@ -1,18 +1,23 @@
 """
 See the blind spot: plot the hidden-state norms and per-depth perplexity of one or more runs.
 
-  python plot_norms.py out/rmsnorm out/scale_visible ... [--out=norms.png]
-  python plot_norms.py out/rmsnorm out/scale_visible --depth_map=depth_map.png
+  python plot_norms.py out/rmsnorm out/scale_visible      # out/norms_rmsnorm+scale_visible.png
+  python plot_norms.py out/a out/b --out=fig.png --depth_map=depth_map.png
 
-Reads each run's log.jsonl (and eval.json from eval.py, when present) and writes one PNG:
-  1. ||h_K|| over training iterations (log y)   2. ||h_k|| against loop k at the end of training
-  3. val PPL against exit depth k               4. val PPL against mean loops under adaptive exit
-and prints a table. Runs are labelled by their condition (readout, supervision, penalty, loop norm)
-and key=value for every other setting that differs between the runs, read from each log's config.
---depth_map also draws each run's held-out passage with every token shaded by the loop it
-exits at under calibrated halting (eval.py's depth_map), one row per run.
+Reads each run's log.jsonl (and eval.json from eval.py, when present) and writes one PNG of nine
+panels, by default beside the runs and named after them (so a plot of other runs never replaces
+it; --out chooses):
+  ||h_K|| over training            ||h_k|| per loop (and to 3K)   the spread of ||h_K|| over tokens
+  PPL per exit depth (and to 3K)   PPL under adaptive exit        PPL of the readout of alpha * h_K
+  Lemma 2: radial increment a_k    Lemma 2: angular step x s_k    the compute-quality frontier
+and prints a table. A panel whose data no run has yet says which eval.py command fills it. Runs
+are labelled by their condition (readout, supervision, penalty, loop norm) and key=value for
+every other setting that differs between the runs (and means something for the run), read from
+each log's config. --depth_map also draws each run's held-out passage with every token shaded
+by the loop it exits at under calibrated halting (eval.py's depth_map), one row per run.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -23,7 +28,7 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 from configurator import check, one_of, parse  # noqa: E402
-from model import EXIT_POLICIES  # noqa: E402
+from model import EXIT_POLICIES, LoopedGPTConfig, knob_applies  # noqa: E402
 from rundir import read_log, writable_parent  # noqa: E402
 from train import IO_KEYS  # noqa: E402
 
@@ -36,7 +41,8 @@ def png_path(optional):
 
 
 OPTIONS = {
-    "out": ("norms.png", "the figure to write", png_path(False)),
+    "out": ("", "the figure to write ('': norms_<run names>.png in the runs' common folder)",
+            png_path(True)),
     "policy": ("logit_margin", "exit policy of the table's mean-loops column",
                one_of(*EXIT_POLICIES)),
     "exit_unit": ("token", "exit unit of the table's mean-loops column",
@@ -66,18 +72,24 @@ def differing(configs):
             and any(run.get(k, "?") != runs[0].get(k, "?") for run in runs)]
 
 
+def applies(key, config):
+    """Does this setting mean anything for this run? (A knob of the alpha readout does not for
+    an rmsnorm run.)"""
+    return key not in LoopedGPTConfig.__dataclass_fields__ or knob_applies(key, config)
+
+
 def condition(config, compared=()):
     """'rmsnorm, per-loop, penalty 0.01, loop norm': the run's place in the paper's grid, then
     key=value for every other setting that differs between the runs compared (`compared`: their
-    configs), so that runs which differ in anything (K, data, width, seed, a new model knob) are
-    told apart."""
+    configs) and means something for this run, so that runs which differ in anything (K, data,
+    width, seed, a new model knob) are told apart."""
     parts = [config["readout"], config["supervision"].replace("_", "-")]
     if config.get("norm_penalty"):
         parts.append(f"penalty {config['norm_penalty']:g}")
     if config.get("loop_norm"):
         parts.append("loop norm")
     mine = settings(config)
-    parts += [f"{k}={mine.get(k, '?')}" for k in differing(compared)]
+    parts += [f"{k}={mine.get(k, '?')}" for k in differing(compared) if applies(k, config)]
     return ", ".join(parts)
 
 
@@ -149,17 +161,31 @@ def table(runs, policy, unit):
     return rows
 
 
+def hint(ax, text):
+    """An empty panel says which command fills it."""
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=9, color="0.35", wrap=True,
+            transform=ax.transAxes)
+
+
 def plot(runs, out):
-    diag = any(ev and "spread" in ev for _, ev in runs.values())  # eval.py --run=all: 2 more
-    fig, ax = plt.subplots(2, 3 if diag else 2, figsize=(18 if diag else 12, 9))
+    """The figure: training norms, per-loop norms and their spread; PPL per depth, adaptive
+    exit, scale sensitivity; Lemma 2's two series and the compute-quality frontier. The panels
+    of the bottom two rows read eval.json, and say what to run when no run has it."""
+    fig, ax = plt.subplots(3, 3, figsize=(18, 13))
     label = labels(runs)
+    folder = next(iter(runs))
+    need = {}  # panel -> the eval.py command that fills it
     for folder, (log, ev) in runs.items():
+        ev = ev or {}
         iters = [e["iter"] for e in log]
         line = ax[0, 0].plot(iters, [e["hidden_norm"][-1] for e in log], label=label[folder])[0]
         c = line.get_color()
         norms = log[-1]["hidden_norm"]
         ax[0, 1].plot(range(1, len(norms) + 1), norms, "o-", color=c)
-        if ev:
+        if "variable_depth" in ev:  # ||h_K'|| of runs of K' = 1..3K loops
+            v = ev["variable_depth"]
+            ax[0, 1].plot(v["k"], v["hidden_norm"], ":", color=c)
+        if "per_depth" in ev:
             K = ev["n_loops"]
             ax[1, 0].plot(ev["per_depth"]["k"], ev["per_depth"]["ppl"], "o-", color=c,
                           markevery=[K - 1])
@@ -170,26 +196,60 @@ def plot(runs, out):
         else:
             ppl = [math.exp(x) for x in log[-1]["val_loop_ce"]]
             ax[1, 0].plot(range(1, len(ppl) + 1), ppl, "o-", color=c)
-        if diag and ev and "spread" in ev:
+            need[(1, 1)] = f"python eval.py --out_dir={folder}"
+        if "variable_depth" in ev:
+            v = ev["variable_depth"]
+            ax[1, 0].plot(v["k"], v["ppl"], ":", color=c)
+        panels = (("spread", (0, 2), "spread"), ("scale", (1, 2), "scale"),
+                  ("lemma2", (2, 0), "lemma2"), ("lemma2", (2, 1), "lemma2"),
+                  ("frontier", (2, 2), "speed"))
+        for key, where, run in panels:
+            if key not in ev:
+                need.setdefault(where, f"python eval.py --out_dir={folder} --run={run}")
+        if "spread" in ev:
             ax[0, 2].stairs(ev["spread"]["hist_counts"], ev["spread"]["hist_edges"], color=c)
-        if diag and ev and "scale" in ev:
+        if "scale" in ev:
             ppl = [math.exp(x) for x in ev["scale"]["ce"]]
             ax[1, 2].plot(ev["scale"]["alpha"], ppl, "o-", color=c)
+        if "lemma2" in ev:
+            lem = ev["lemma2"]
+            steps = range(1, lem["n_loops"])
+            ax[2, 0].plot(steps, lem["radial_increment"], ".-", color=c)
+            ax[2, 1].plot(steps, lem["angular_step_x_s"], ".-", color=c)
+        if "frontier" in ev:
+            f = ev["frontier"]
+            ax[2, 2].plot(f["tokens_per_s"], f["ppl"], "o-", color=c)
+            for k, x, y in zip(f["k"], f["tokens_per_s"], f["ppl"]):
+                ax[2, 2].annotate(f"k={k}", (x, y), textcoords="offset points",
+                                  xytext=(4, 4), fontsize=7, color=c)
+    for (i, j), command in need.items():
+        if not ax[i, j].has_data():
+            hint(ax[i, j], f"no data yet; fill it with\n{command}")
+    for a in (ax[1, 0], ax[1, 1]):  # PPL over orders of magnitude (an untrained exit) reads in log
+        ys = [y for line in a.get_lines() for y in line.get_ydata() if y > 0]
+        if ys and max(ys) > 3 * min(ys):
+            a.set_yscale("log")
     ax[0, 0].set(yscale="log", xlabel="iteration", ylabel="||h_K|| (final loop)",
                  title="final hidden norm in training")
     ax[0, 1].set(yscale="log", xlabel="loop k", ylabel="||h_k||",
-                 title="hidden norm per loop, end of training")
+                 title="hidden norm per loop, end of training (dotted: runs of 1..3K loops)")
+    ax[0, 2].set(xscale="log", xlabel="per-token ||h_K||", ylabel="tokens",
+                 title="spread of the final norm over tokens")
     ax[1, 0].set(xlabel="exit depth k (big dot: trained K)", ylabel="val PPL",
-                 title="perplexity at each exit depth")
-    policies = sorted({ev["adaptive"]["policy"] for _, ev in runs.values() if ev})
+                 title="PPL at each exit depth (dotted: a run of k loops, its own rule)")
+    policies = sorted({ev["adaptive"]["policy"] for _, ev in runs.values()
+                       if ev and "adaptive" in ev})
     sweep = f"adaptive exit ({', '.join(policies)})" if policies else "adaptive exit"
     ax[1, 1].set(xlabel="mean loops used", ylabel="held-out val PPL",
                  title=f"{sweep}; star: calibrated halting")
-    if diag:
-        ax[0, 2].set(xscale="log", xlabel="per-token ||h_K||", ylabel="tokens",
-                     title="spread of the final norm over tokens")
-        ax[1, 2].set(xscale="log", yscale="log", xlabel="alpha", ylabel="val PPL at loop K",
-                     title="readout of alpha * h_K (scale sensitivity)")
+    ax[1, 2].set(xscale="log", yscale="log", xlabel="alpha", ylabel="val PPL at loop K",
+                 title="readout of alpha * h_K (scale sensitivity)")
+    ax[2, 0].set(xlabel="loop k (30 loops, far past K)", ylabel="a_k = <u_k, h_k+1 - h_k>",
+                 title="Lemma 2: radial increment (about constant)")
+    ax[2, 1].set(xlabel="loop k", ylabel="||u_k+1 - u_k|| * s_k",
+                 title="Lemma 2: angular step x RMS (about constant)")
+    ax[2, 2].set(xscale="log", xlabel="tokens/s of a full forward at depth k",
+                 ylabel="val PPL at exit k", title="compute-quality frontier")
     ax[0, 0].legend(fontsize=8)
     for a in ax.flat:
         a.grid(alpha=0.3)
@@ -254,16 +314,30 @@ def layout(m, columns):
     return cells
 
 
+def default_out(folders):
+    """norms_<run>+<run>.png in the runs' common folder: named after what it draws, so that a
+    plot of other runs never replaces it (a long list of names is cut and hashed)."""
+    paths = [os.path.abspath(f.rstrip("/")) for f in folders]
+    parent = os.path.commonpath([os.path.dirname(p) for p in paths])
+    names = "+".join(os.path.basename(p) for p in paths)
+    if len(names) > 80:
+        names = names[:60] + "-" + hashlib.sha1(names.encode()).hexdigest()[:8]
+    out = os.path.join(parent, f"norms_{names}.png")
+    return os.path.relpath(out) if out.startswith(os.getcwd() + os.sep) else out
+
+
 def main(argv=None):
     cfg, _ = parse("plot_norms.py", OPTIONS, argv, __doc__,
                    positional=("runs", "train.py out_dir folders"))
     for path, flag in ((cfg.out, "--out"), (cfg.depth_map, "--depth_map")):
         if path:  # checked before the work, not when the figure is saved
             writable_parent(path, flag)
+    out = cfg.out or default_out(cfg.runs)
+    writable_parent(out, "--out")
     runs = {folder: load_run(folder) for folder in cfg.runs}
     rows = table(runs, cfg.policy, cfg.exit_unit)
-    plot(runs, cfg.out)
-    print(f"wrote {cfg.out}")
+    plot(runs, out)
+    print(f"wrote {out}")
     if cfg.depth_map:
         plot_depth_map(runs, cfg.depth_map)
         print(f"wrote {cfg.depth_map}")

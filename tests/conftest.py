@@ -11,7 +11,7 @@ sys.path.insert(0, ROOT)
 # a tiny run: seconds on a CPU
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--n_loops=3", "--block_size=32",
         "--batch_size=4", "--eval_iters=2", "--warmup_iters=2", "--learning_rate=3e-3",
-        "--log_interval=1"]
+        "--log_interval=1", "--init=gpt2"]
 
 
 @pytest.fixture(scope="session")

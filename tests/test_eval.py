@@ -17,14 +17,14 @@ from torch.overrides import TorchFunctionMode
 import eval as eval_script
 from conftest import run
 from eval import DIAGNOSTICS, adaptive_exit, all_states, calibrate, collect, depth_map, evaluate
-from eval import exit_loops, halting, lens, split_batches
-from model import EXIT_POLICIES, exit_score
+from eval import exit_loops, halting, lens, split_batches, threshold_grid, windows
+from model import EXIT_POLICIES, LoopedGPT, LoopedGPTConfig, exit_score
 from prepare import load_tokenizer
 from rundir import eval_seed, get_batch, load_checkpoint, load_data, model_from_checkpoint
 from standin import standin
 
 SETTINGS = SimpleNamespace(max_depth=0, target=1.01, policy="logit_margin", exit_unit="token",
-                           n_thresholds=5)
+                           n_thresholds=11)
 
 
 def load_model(out_dir):
@@ -40,15 +40,17 @@ def val_batches(out_dir, data_dir, n=3):
 
 
 def halves(out_dir, data_dir, n=3):
+    """(calibration batches, held-out batches, held-out data, the paper's window batches)."""
     model, ckpt = load_model(out_dir)
     data, _ = load_data(data_dir, ckpt["config"]["dataset"], ckpt["config"]["block_size"])
-    return split_batches(data["val"], n, 4, ckpt["config"]["block_size"], "cpu")
+    T = ckpt["config"]["block_size"]
+    return (*split_batches(data["val"], n, 4, T, "cpu"), windows(data["val"], 4 * n, 4, T, "cpu"))
 
 
 def test_per_depth_at_K_equals_models_own_val_ce(tiny_runs, data_dir):
     model, batches = val_batches(tiny_runs["rmsnorm"], data_dir)
-    cal, held, held_data = halves(tiny_runs["rmsnorm"], data_dir)
-    out = evaluate(model, batches, cal, held, SETTINGS, held_data)
+    cal, held, held_data, paper = halves(tiny_runs["rmsnorm"], data_dir)
+    out = evaluate(model, batches, cal, held, paper, SETTINGS, held_data)
     with torch.no_grad():
         own = sum(model(x, y)[1].item() for x, y in batches) / len(batches)  # mean of K CEs
         last = sum(model(x, y)[2]["loop_ce"][-1].item() for x, y in batches) / len(batches)
@@ -57,9 +59,10 @@ def test_per_depth_at_K_equals_models_own_val_ce(tiny_runs, data_dir):
     assert abs(out["per_depth"]["ce"][K - 1] - last) < 1e-5
     assert abs(sum(out["per_depth"]["ce"][:K]) / K - own) < 1e-5
     assert set(out["halting"]) == {"token", "sequence"}
-    for unit in out["halting"].values():
+    for unit in [*out["halting"].values(), out["halting_paper"]]:
         assert set(unit) == {"max_prob", "logit_margin", "entropy"}
         assert all(1 <= h["mean_loops"] <= K for h in unit.values())
+    assert all(h["n_sequences"] == 12 for h in out["halting_paper"].values())
 
 
 def test_collect_continues_from_given_states_exactly(tiny_runs, data_dir):
@@ -79,12 +82,13 @@ def test_adaptive_exit_extremes(tiny_runs, data_dir):
     model, batches = val_batches(tiny_runs["scale_visible"], data_dir)
     K = model.config.n_loops
     ce, scores = collect(model, batches, K)
-    full = math.exp(ce[K - 1].mean().item())
+    full = math.exp(ce[K - 1].double().mean().item())
     for unit in ("token", "sequence"):
         loops, ppl = adaptive_exit(ce, scores["max_prob"], "max_prob", 1.01, K, unit)  # none pass
-        assert loops == K and abs(ppl - full) < 1e-9
+        assert loops == K and ppl == pytest.approx(full, rel=1e-12)
         loops, ppl = adaptive_exit(ce, scores["entropy"], "entropy", 1e9, K, unit)  # all pass
-        assert loops == 1 and abs(ppl - math.exp(ce[0].mean().item())) < 1e-9
+        assert loops == 1 and ppl == pytest.approx(math.exp(ce[0].double().mean().item()),
+                                                   rel=1e-12)
 
 
 def test_sequence_exit_gives_every_token_of_a_sequence_one_depth(tiny_runs, data_dir):
@@ -105,43 +109,101 @@ def test_sequence_exit_gives_every_token_of_a_sequence_one_depth(tiny_runs, data
 def test_calibration_uses_the_calibration_batches_only(tiny_runs, data_dir):
     model, _ = load_model(tiny_runs["rmsnorm"])
     K = model.config.n_loops
-    cal_b, held_b, _ = halves(tiny_runs["rmsnorm"], data_dir)
+    cal_b, held_b, _, _ = halves(tiny_runs["rmsnorm"], data_dir)
     cal = collect(model, cal_b, K)
     other_b = [(x.flip(0), y.flip(0)) for x, y in cal_b[1:]] + [held_b[0]]
     results = []
     for held in (collect(model, held_b, K), collect(model, other_b, K)):
         for unit in ("token", "sequence"):
             for policy in ("max_prob", "logit_margin", "entropy"):
-                results.append((unit, policy, halting(cal, held, policy, K, 1.01, unit)))
+                results.append((unit, policy, halting(cal, held, policy, K, 1.01, 11, unit)))
     n = len(results) // 2
     for (_, _, a), (_, _, b) in zip(results[:n], results[n:]):
         assert a["threshold"] == b["threshold"]  # the held-out batches do not move it
     for unit, policy, _ in results[:n]:
-        t = calibrate(cal[0], cal[1][policy], policy, K, 1.01, unit)
+        t, loops, ppl = calibrate(cal[0], cal[1][policy], policy, K, 1.01, 11, unit)
         if t is not None:  # on the calibration batches the target holds
-            full = math.exp(cal[0][K - 1].mean().item())
-            assert adaptive_exit(cal[0], cal[1][policy], policy, t, K, unit)[1] <= 1.01 * full
+            full = math.exp(cal[0][K - 1].double().mean().item())
+            assert adaptive_exit(cal[0], cal[1][policy], policy, t, K, unit) == (loops, ppl)
+            assert ppl <= 1.01 * full
 
 
-def test_calibrated_threshold_is_the_loosest_within_target():
-    """On synthetic exits where sure tokens lose little by exiting early, the calibrated
-    threshold keeps PPL within 1.01x, and the next looser candidate would not."""
-    from model import strict_to_loose
-    g = torch.Generator().manual_seed(0)
-    K, S, T = 3, 8, 50
-    sure = torch.rand(K, S, T, generator=g)
-    base = 2.0 + torch.rand(S, T, generator=g)
-    ce = torch.stack([base + (1 - sure[0]) * 0.5, base + (1 - sure[1]) * 0.1, base])
+def by_hand(ce, score, t, K, unit, passes):
+    """(mean loops, PPL) of adaptive exit, unit by unit in plain Python floats: the first loop
+    whose score (a sequence's: its tokens' mean) passes t, else K; PPL = exp of the mean CE of
+    every token at its unit's exit loop."""
+    S, T = ce.shape[1:]
+    loops, total = [], 0.0
+    for i in range(S):
+        units = [[j] for j in range(T)] if unit == "token" else [list(range(T))]
+        for tokens in units:
+            exit_at = K
+            for k in range(K - 1):
+                mean_score = sum(score[k, i, j].item() for j in tokens) / len(tokens)
+                if passes(mean_score, t):
+                    exit_at = k + 1
+                    break
+            loops += [exit_at] * len(tokens)
+            total += sum(ce[exit_at - 1, i, j].item() for j in tokens)
+    return sum(loops) / len(loops), math.exp(total / (S * T))
+
+
+@pytest.mark.parametrize("unit", ["token", "sequence"])
+@pytest.mark.parametrize("policy", EXIT_POLICIES)
+def test_calibration_is_the_fewest_loops_within_target_on_the_grid(policy, unit):
+    """The paper's protocol, worked by hand: the candidates are the n quantiles of the scores at
+    loops 1..K-1 (numpy's, linear) and one just past each end; of those whose PPL is within
+    1.01x of full depth, the one with the fewest mean loops wins."""
+    import numpy as np
+    passes = (lambda s, t: s <= t) if policy == "entropy" else (lambda s, t: s >= t)
+    g = torch.Generator().manual_seed(1)
+    K, S, T = 3, 6, 5
+    sure = torch.rand(K, S, T, generator=g, dtype=torch.float64)
+    base = 2.0 + torch.rand(S, T, generator=g, dtype=torch.float64)
+    ce = torch.stack([base + 0.6 * (0.5 - sure[0]), base + 0.2 * (0.5 - sure[1]), base])
+    score = {"max_prob": sure, "logit_margin": 10 * sure, "entropy": 3 * (1 - sure)}[policy]
+    unit_score = score[:K - 1] if unit == "token" else score[:K - 1].mean(-1)
+    flat = unit_score.flatten().numpy()
+    grid = [flat.min() - 1e-6, *np.quantile(flat, np.linspace(0, 1, 7)), flat.max() + 1e-6]
     full = math.exp(ce[K - 1].mean().item())
-    assert math.exp(ce[0].mean().item()) > 1.1 * full  # exiting everyone at loop 1 costs
-    scores = {"max_prob": sure, "logit_margin": 10 * sure, "entropy": 3 * (1 - sure)}
-    for policy, score in scores.items():
-        t = calibrate(ce, score, policy, K, 1.01)
-        loops, ppl = adaptive_exit(ce, score, policy, t, K)
-        assert ppl <= 1.01 * full and 1 < loops < K, policy
-        cands = strict_to_loose(torch.unique(score[:K - 1]).tolist(), policy)
-        looser = cands[cands.index(t) + 1]
-        assert adaptive_exit(ce, score, policy, looser, K)[1] > 1.01 * full, policy
+    best = None
+    for t in grid:
+        loops, ppl = by_hand(ce, score, t, K, unit, passes)
+        if ppl <= 1.01 * full and (best is None or loops < best[1]):
+            best = (t, loops, ppl)
+    t, loops, ppl = calibrate(ce, score, policy, K, 1.01, 7, unit)
+    assert best[1] < K  # the case has an early exit worth taking
+    assert loops == pytest.approx(best[1]) and ppl == pytest.approx(best[2], rel=1e-12)
+    assert by_hand(ce, score, t, K, unit, passes) == pytest.approx((loops, ppl), rel=1e-12)
+    assert sorted(threshold_grid(score, policy, K, 7, unit)) == pytest.approx(sorted(grid))
+
+
+@pytest.mark.parametrize("policy", ["max_prob", "entropy"])
+def test_calibration_does_not_assume_ppl_monotone_in_the_threshold(policy):
+    """Six tokens, K = 2. Exiting the surest one, A, costs (CE 1.3 against 1.0 at full depth),
+    and so does adding B and C; adding D (0.5) pays it back, E is free, F costs 2.5. So the PPL
+    is within 1.01x with no exit, above it for the top 1-3, within it for the top 4-5, above it
+    for all six: not monotone in the threshold. The fewest loops within target is the top 5
+    exiting (7/6 loops); a bisection over the sorted scores, which assumes monotonicity,
+    finds no early exit at all."""
+    from model import strict_to_loose
+    sure = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4], dtype=torch.float64)
+    score = torch.stack([sure, sure])[:, None] if policy == "max_prob" else \
+        torch.stack([1 - sure, 1 - sure])[:, None]
+    ce = torch.tensor([[[1.3, 1.0, 1.0, 0.5, 1.0, 2.5]], [[1.0] * 6]], dtype=torch.float64)
+    t, loops, ppl = calibrate(ce, score, policy, 2, 1.01, 51)
+    assert loops == pytest.approx(7 / 6) and ppl == pytest.approx(math.exp(5.8 / 6))
+    full = math.exp(1.0)
+
+    def good(t):
+        return adaptive_exit(ce, score, policy, t, 2)[1] <= 1.01 * full
+    cands = strict_to_loose(torch.unique(score[0]).tolist(), policy)
+    lo, hi = -1, len(cands) - 1  # bisection for the loosest good candidate
+    if not good(cands[hi]):
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if good(cands[mid]) else (lo, mid)
+    assert lo == -1  # bisection: "no early exit meets the target"
 
 
 def test_eval_cli_writes_json(tiny_runs, data_dir):
@@ -180,43 +242,138 @@ def test_lens_last_column_is_greedy_decoding(tiny_runs, data_dir):
     assert ev["lens"]["tokens"] == list("ROMEO:")
 
 
-def test_decomposition_parts_add_up(tiny_runs, data_dir):
-    from eval import decomposition
-    model, batches = val_batches(tiny_runs["rmsnorm"], data_dir, n=1)
+class LinearBlock:
+    """A stand-in model whose loop adds the same vector b to every state: h_k = h_0 + k b. For it
+    Lemma 2's series have a closed form, worked below in float64 numpy."""
+
+    def __init__(self, h0, b):
+        self.h0, self.b = h0, b
+        self.lm_head = SimpleNamespace(weight=torch.zeros(1))  # where eval.py's amp looks
+
+    def embed(self, x):
+        return self.h0
+
+    def loop(self, h, k):
+        return h + self.b
+
+
+def test_lemma2_series_on_a_block_with_a_closed_form():
+    """Lemma 2 as the paper measures it, per loop k (RMS units: s = RMS(h), u = h / s, means over
+    tokens): s_k, a_k = <u_k, h_{k+1} - h_k>, du_k = ||u_{k+1} - u_k||, du_k * s_k. On
+    h_k = h_0 + k b every one is known by hand; a_k -> ||b|| sqrt(C) cos and du_k * s_k tend to
+    constants as s_k grows, as the lemma says."""
+    import numpy as np
+    from eval import lemma2
+    g = torch.Generator().manual_seed(0)
+    h0 = torch.randn(2, 3, 8, generator=g, dtype=torch.float64)
+    b = torch.randn(2, 3, 8, generator=g, dtype=torch.float64)
+    out = lemma2(LinearBlock(h0, b), [(None, None)], n_loops=30)
+    h = h0.numpy()[None] + np.arange(1, 31)[:, None, None, None] * b.numpy()[None]  # [30, ...]
+    s = np.sqrt((h ** 2).mean(-1, keepdims=True))
+    u = h / s
+    a = (u[:-1] * (h[1:] - h[:-1])).sum(-1)
+    du = np.linalg.norm(u[1:] - u[:-1], axis=-1)
+    assert out["n_loops"] == 30
+    assert out["s"] == pytest.approx(s[..., 0].mean(axis=(1, 2)).tolist(), rel=1e-12)
+    assert out["radial_increment"] == pytest.approx(a.mean(axis=(1, 2)).tolist(), rel=1e-12)
+    assert out["angular_step"] == pytest.approx(du.mean(axis=(1, 2)).tolist(), rel=1e-12)
+    assert out["angular_step_x_s"] == pytest.approx((du * s[:-1, ..., 0]).mean(axis=(1, 2))
+                                                    .tolist(), rel=1e-12)
+    # the lemma's shape: the radial increment settles, the turn shrinks like 1/s
+    assert abs(out["radial_increment"][-1] - out["radial_increment"][-2]) < 1e-3
+    assert out["angular_step"][-1] < out["angular_step"][5] / 4
+
+
+@pytest.mark.parametrize("readout", ["final_only", "rmsnorm"])
+def test_variable_depth_decodes_each_depth_by_its_own_rule(readout, tiny_runs, data_dir):
+    """The model run for K' = 1..3K loops: the CE of loop K' decoded as the last loop of a
+    K'-loop run (final_only: RMSNorm'd at every K'), and the mean per-token ||h_K'||, both by
+    hand from loop_states; for rmsnorm (whose rule does not depend on the depth) it equals
+    the early exit of per_depth at the same loop."""
+    from eval import variable_depth
+    model, batches = val_batches(tiny_runs["rmsnorm"], data_dir, n=2)
+    cfg = model.config
+    if readout != cfg.readout:  # the same weights under the final_only readout
+        other = LoopedGPT(LoopedGPTConfig(**{**vars(cfg), "readout": readout})).eval()
+        other.load_state_dict(model.state_dict())
+        model = other
     model = model.double()
-    with torch.no_grad():
-        states = model.loop_states(batches[0][0])
-        h, h_next = states[0], states[1]
-        d = h_next - h
-        u = h / h.norm(dim=-1, keepdim=True)
-        a_rad = (d * u).sum(-1)
-        tangential = (d - a_rad[..., None] * u).norm(dim=-1)
-    assert torch.allclose(a_rad ** 2 + tangential ** 2, d.norm(dim=-1) ** 2, rtol=1e-10)
-    out = decomposition(model, batches)
-    K = model.config.n_loops
-    assert sorted(out) == list(range(1, K))
-    assert abs(out[1]["radial"]["mean"] - a_rad.mean().item()) < 1e-9
-    assert abs(out[1]["tangential"]["mean"] - tangential.mean().item()) < 1e-9
-    assert all(0 <= out[k]["angle"]["mean"] <= math.pi for k in out)
+    K = cfg.n_loops
+    for given in (None, all_states(model, batches)):
+        out = variable_depth(model, batches, given)
+        assert out["k"] == list(range(1, 3 * K + 1))
+        with torch.no_grad():
+            states = [model.loop_states(x, n_loops=3 * K) for x, _ in batches]
+            for d in (1, K - 1, K, 3 * K):
+                ce = [F.cross_entropy(model.lm_head(model.readout_norm(hs[d - 1])).flatten(0, 1),
+                                      y.flatten()).item() for (_, y), hs in zip(batches, states)]
+                assert out["ce"][d - 1] == pytest.approx(sum(ce) / 2, rel=1e-9)
+                assert out["ppl"][d - 1] == pytest.approx(math.exp(sum(ce) / 2), rel=1e-9)
+                norm = [hs[d - 1].norm(dim=-1).mean().item() for hs in states]
+                assert out["hidden_norm"][d - 1] == pytest.approx(sum(norm) / 2, rel=1e-9)
+    if readout == "rmsnorm":
+        ce, _ = collect(model, batches, 2 * K)
+        assert out["ce"][:2 * K] == pytest.approx(ce.flatten(1).mean(1).tolist(), rel=1e-6)
 
 
-def test_radial_clamp_with_own_norms_is_exact(tiny_runs, data_dir):
-    from eval import clamped_loop_ce
+def test_radial_clamp_modes(tiny_runs, data_dir):
+    """The paper's radial clamp, mode by mode, in float64: none is the model's own states;
+    freeze_loop1 gives every later state its token's loop-1 RMS and the direction of the loop
+    applied to the clamped state before; remove_radial makes each loop's update orthogonal to
+    the state it starts from, keeping the rest of it, and loop 1 is as it was."""
+    from eval import clamp, clamped_states
     model, batches = val_batches(tiny_runs["scale_visible"], data_dir, n=1)
+    model = model.double()
     x, y = batches[0]
     with torch.no_grad():
-        own = [h.norm(dim=-1, keepdim=True) for h in model.loop_states(x)]
-        plain = model(x, y)[2]["loop_ce"].tolist()
-    assert clamped_loop_ce(model, x, y, ref_norms=own).tolist() == plain
-    clamped = clamped_loop_ce(model, x, y).tolist()  # loop-1 reference: the growth removed
-    assert clamped[0] == plain[0] and clamped[1:] != plain[1:]
+        own = model.loop_states(x)
+        none = clamped_states(model, x, "none")
+        assert all(torch.equal(a, b) for a, b in zip(own, none))
+        frozen = clamped_states(model, x, "freeze_loop1")
+        radial = clamped_states(model, x, "remove_radial")
+        assert torch.equal(frozen[0], own[0]) and torch.equal(radial[0], own[0])
+        rms1 = own[0].pow(2).mean(-1).sqrt()
+        for k in range(2, len(own) + 1):
+            h = frozen[k - 1]
+            torch.testing.assert_close(h.pow(2).mean(-1).sqrt(), rms1, rtol=1e-12, atol=0)
+            free = model.loop(frozen[k - 2], k)
+            cos = F.cosine_similarity(h, free, dim=-1)
+            torch.testing.assert_close(cos, torch.ones_like(cos), rtol=0, atol=1e-12)
+            prev, h = radial[k - 2], radial[k - 1]
+            update = h - prev
+            cos = F.cosine_similarity(update, prev, dim=-1)
+            assert cos.abs().max() < 1e-9, k
+            d = model.loop(prev, k) - prev  # what the loop would add: only its radial part gone
+            u = prev / prev.norm(dim=-1, keepdim=True)
+            torch.testing.assert_close(update, d - (d * u).sum(-1, keepdim=True) * u)
+    out = clamp(model, batches)
+    assert out["modes"] == ["none", "freeze_loop1", "remove_radial"]
+    for mode, states in (("none", none), ("freeze_loop1", frozen), ("remove_radial", radial)):
+        with torch.no_grad():
+            ce = [F.cross_entropy(model.readout(h, k).flatten(0, 1), y.flatten()).item()
+                  for k, h in enumerate(states, start=1)]
+        assert out["ce"][mode] == pytest.approx(ce, rel=1e-12)
+        assert out["hidden_norm"][mode] == pytest.approx(
+            [h.norm(dim=-1).mean().item() for h in states], rel=1e-12)
 
 
 def test_scale_sensitivity_flat_only_for_rmsnorm(tiny_runs, data_dir):
-    from eval import scale
+    """CE of the readout of alpha * h_K at the paper's ten alphas, by hand: flat for rmsnorm
+    (on states of a trained scale: at a tiny one the norm's eps, 1e-6, would show), moving for
+    scale_visible."""
+    from eval import SCALE_ALPHAS, scale
+    assert SCALE_ALPHAS == (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
     for readout, flat in (("rmsnorm", True), ("scale_visible", False)):
         model, batches = val_batches(tiny_runs[readout], data_dir, n=2)
-        ce = scale(model.double(), batches)["ce"]
+        model = model.double()
+        states = [[100 * h for h in hs] for hs in all_states(model, batches)]
+        ce = scale(model, batches, states)["ce"]
+        K = model.config.n_loops
+        with torch.no_grad():
+            expect = [sum(F.cross_entropy(model.readout(a * hs[-1], K).flatten(0, 1),
+                                          y.flatten()).item()
+                          for (_, y), hs in zip(batches, states)) / 2 for a in SCALE_ALPHAS]
+        assert ce == pytest.approx(expect, rel=1e-12)
         assert (max(ce) - min(ce) < 1e-6) == flat, (readout, ce)
 
 
@@ -233,21 +390,42 @@ def test_eval_cli_each_diagnostic(tiny_runs, data_dir):
     """Each diagnostic alone adds its key to eval.json (in-process; the CLI as a user runs it
     is tested in test_faults.py)."""
     out = tiny_runs["scale_visible"]
-    for name in ("lemma1", "decomposition", "clamp", "scale", "spread"):
+    for name in DIAGNOSTICS:
+        extra = ["--lemma2_loops=5"] if name == "lemma2" else []
         eval_script.main([f"--out_dir={out}", f"--data_dir={data_dir}", "--eval_iters=1",
-                          f"--run={name}"])
+                          f"--run={name}", *extra])
     ev = json.load(open(os.path.join(out, "eval.json")))
-    assert {"lemma1", "decomposition", "clamp", "scale", "spread"} <= ev.keys()
+    assert set(DIAGNOSTICS) <= ev.keys()
+    assert ev["lemma2"]["n_loops"] == 5 and len(ev["lemma2"]["s"]) == 5
 
 
 def test_lemma1_on_trained_checkpoints(tiny_runs, data_dir):
+    """On the trained runs, with the states taken to a trained model's scale (x100: at a tiny
+    scale the norm's eps, 1e-6, leaves a radial part of about eps / mean(h^2)): |cos| < 1e-6 for
+    rmsnorm, clearly non-zero for scale_visible; and the radial fraction at loops 1 and K is
+    the mean |cos| there, recomputed token by token."""
     from eval import lemma1
     cos = {}
     for name in ("rmsnorm", "scale_visible"):
         model, batches = val_batches(tiny_runs[name], data_dir, n=2)
-        cos[name] = lemma1(model, batches)
+        states = [[100 * h for h in hs] for hs in all_states(model, batches)]
+        cos[name] = lemma1(model, batches, states)
         assert cos[name]["n_tokens"] == 2 * 4 * 32
         assert next(model.parameters()).dtype == torch.float32  # handed back as it came
+        K = model.config.n_loops
+        double = load_model(tiny_runs[name])[0].double()
+        for k, mean in zip(cos[name]["radial_fraction"]["loop"],
+                           cos[name]["radial_fraction"]["mean_abs_cos"]):
+            per_token = []
+            for (_, y), hs in zip(batches, states):
+                for b in range(y.size(0)):
+                    for t in range(y.size(1)):
+                        h = hs[k - 1][b, t].double().requires_grad_(True)
+                        ce = F.cross_entropy(double.readout(h[None], k), y[b, t][None])
+                        (g,) = torch.autograd.grad(ce, h)
+                        per_token.append(abs(torch.dot(g, h) / (g.norm() * h.norm())).item())
+            assert mean == pytest.approx(sum(per_token) / len(per_token), rel=1e-6, abs=1e-15)
+        assert cos[name]["radial_fraction"]["loop"] == [1, K]
     assert cos["rmsnorm"]["max_abs_cos"] < 1e-6
     assert cos["scale_visible"]["mean_abs_cos"] > 1e-3
 
@@ -306,6 +484,7 @@ def test_eval_tensor_paths_on_device(kind, tiny_runs, data_dir):
             model = model.to(dev)
             batches = [get_batch(data["val"], 4, T, eval_seed(i, "val"), dev) for i in range(2)]
             cal, held, held_data = split_batches(data["val"], 2, 4, T, dev)
+            paper = windows(data["val"], 8, 4, T, dev)
             states = all_states(model, batches)
             assert [len(hs) for hs in states] == [K, K]
             assert all(h.device.type == dev and h.shape == (4, T, C) for hs in states for h in hs)
@@ -313,7 +492,8 @@ def test_eval_tensor_paths_on_device(kind, tiny_runs, data_dir):
                 ce, scores = collect(model, batches, 2 * K, given)
                 assert ce.shape == (2 * K, 8, T) and ce.device.type == "cpu"
                 assert all(s.shape == (2 * K, 8, T) for s in scores.values())
-            out = evaluate(model, batches, cal, held, SETTINGS, held_data, decode, states)
+            out = evaluate(model, batches, cal, held, paper, SETTINGS, held_data, decode,
+                           states)
             assert len(out["per_depth"]["ce"]) == 2 * K and len(out["depth_map"]["exit_loop"])
             for threshold in (None, 0.5):
                 m = depth_map(model, held_data, {"threshold": threshold}, "entropy", "token",
@@ -474,9 +654,9 @@ def test_threshold_sweep_recomputed(tiny_runs, data_dir):
     """The operating curve: for each threshold, the mean exit loop and the PPL of the held-out
     tokens when each reads its prediction at its own exit, recomputed token by token."""
     model, _ = load_model(tiny_runs["scale_visible"])
-    cal_b, held_b, held_data = halves(tiny_runs["scale_visible"], data_dir, n=2)
+    cal_b, held_b, held_data, paper = halves(tiny_runs["scale_visible"], data_dir, n=2)
     val_b = val_batches(tiny_runs["scale_visible"], data_dir, n=2)[1]
-    out = evaluate(model, val_b, cal_b, held_b, SETTINGS, held_data)
+    out = evaluate(model, val_b, cal_b, held_b, paper, SETTINGS, held_data)
     K = model.config.n_loops
     ce, scores = collect(model, held_b, K)
     ce, margin = ce.flatten(1).tolist(), scores["logit_margin"].flatten(1).tolist()

@@ -74,6 +74,12 @@ def test_labels_name_every_setting_that_differs():
                       world_size=8)
     assert condition(f, [logged_config(), f]) == "rmsnorm, per-loop"
     assert condition(a) == condition(a, [a, a]) == "rmsnorm, per-loop"  # alone or identical
+    # a knob of one readout is named only for the runs it means something for
+    g = logged_config(readout="alpha", readout_alpha=0.25)
+    h = logged_config(readout="alpha")
+    assert condition(g, [a, g, h]) == "alpha, per-loop, n_loops=4, readout_alpha=0.25"
+    assert condition(h, [a, g, h]) == "alpha, per-loop, n_loops=4, readout_alpha=0.5"
+    assert condition(a, [a, g, h]) == "rmsnorm, per-loop, n_loops=3"
 
 
 def test_labels_of_runs_with_the_same_settings_name_their_folders():
@@ -83,8 +89,8 @@ def test_labels_of_runs_with_the_same_settings_name_their_folders():
         return [{"config": config}], None
     runs = {"out/a": run_of(logged_config()), "out/b/": run_of(logged_config(out_dir="b")),
             "out/c": run_of(logged_config(seed=7))}
-    assert labels(runs) == {"out/a": "rmsnorm, per-loop, seed=1337 (a)",
-                            "out/b/": "rmsnorm, per-loop, seed=1337 (b)",
+    assert labels(runs) == {"out/a": "rmsnorm, per-loop, seed=42 (a)",
+                            "out/b/": "rmsnorm, per-loop, seed=42 (b)",
                             "out/c": "rmsnorm, per-loop, seed=7"}
 
 
@@ -341,3 +347,76 @@ def test_reproduce_two_seeds_on_tiny_runs(data_dir, tmp_path):
                        text=True, timeout=60)  # a flag where the folder belongs
     assert p.returncode == 2 and "the first argument is the output folder" in p.stderr
     assert not (tmp_path / "x").exists() and not os.path.exists(os.path.join(ROOT, "--max_iters=3"))
+
+
+def test_correlations_equal_numpys():
+    """Pearson's r against numpy's corrcoef; Spearman's as numpy's corrcoef of ranks worked out
+    from the definition (1-based, a tie gets the mean of the ranks it spans)."""
+    import numpy as np
+    from experiments import pearson, rank
+    xs = [3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0, 6.0]
+    ys = [2.7, 1.8, 2.8, 1.8, 2.8, 4.5, 9.0, 4.5]
+    assert pearson(xs, ys) == pytest.approx(np.corrcoef(xs, ys)[0, 1], rel=1e-12)
+    assert rank(xs) == [4, 1.5, 5, 1.5, 6, 8, 3, 7]
+    assert rank(ys) == [4, 1.5, 5.5, 1.5, 5.5, 7.5, 9 - 1, 7.5][:7] + [7.5] or True
+    by_def = []
+    for v in ys:
+        below = sum(w < v for w in ys)
+        same = sum(w == v for w in ys)
+        by_def.append(below + (same + 1) / 2)
+    assert rank(ys) == by_def
+    assert pearson(rank(xs), rank(ys)) == pytest.approx(
+        np.corrcoef(rank(xs), by_def)[0, 1], rel=1e-12)
+    assert math.isnan(pearson([1.0, 1.0], [2.0, 3.0]))
+
+
+def test_official_conditions_and_the_scale_visible_grouping():
+    """The six official 44M configs map to nanoloop conditions (per-loop + penalty and loop norm
+    are nanoloop's own rows), and 'scale visible to the loss' groups them as the paper does:
+    raw, final-only and norm-penalty runs visible, RMSNorm runs not."""
+    from experiments import OFFICIAL, loss_sees_scale, official_condition
+    visible = {"terminal + RMSNorm": False, "terminal + raw": True,
+               "per-loop + RMSNorm": False, "per-loop + raw": True,
+               "per-loop + final-only norm": True, "terminal + norm penalty": True}
+    assert sorted(OFFICIAL.values()) == sorted(visible)
+    for (supervision, readout, penalty), name in OFFICIAL.items():
+        config = logged_config(supervision=supervision, readout=readout, norm_penalty=penalty)
+        assert official_condition(config) == name
+        assert loss_sees_scale(config) == visible[name], name
+    assert official_condition(logged_config(norm_penalty=0.01)) is None  # per-loop + penalty
+    assert official_condition(logged_config(loop_norm=True)) is None
+    assert loss_sees_scale(logged_config(readout="final_only", supervision="terminal")) is False
+
+
+def test_endpoint_table_and_correlation_recomputed():
+    """The endpoint rows (PPL at 1 and K, the CE gap, the radial fraction at both ends) and the
+    correlation of log10 radial fraction at K with log10 ||h_K||, recomputed from the runs'
+    figures with numpy (radial fractions floored at 1e-12)."""
+    import numpy as np
+    from experiments import endpoint
+    runs = []
+    for i, (sup, readout, norm, radial) in enumerate([
+            ("terminal", "rmsnorm", 2000.0, 1e-17), ("terminal", "scale_visible", 30.0, 0.04),
+            ("per_loop", "rmsnorm", 3000.0, 2e-16), ("per_loop", "scale_visible", 25.0, 0.06),
+            ("per_loop", "rmsnorm", 20.0, 0.02)]):
+        config = logged_config(supervision=sup, readout=readout,
+                               norm_penalty=0.01 if i == 4 else 0.0)
+        ppl = [20.0 + i, 15.0, 11.0 + i / 10, 10.0 + i / 10]
+        runs.append({"run": f"r{i}", "replicate": ".", "config": config, "ppl": ppl,
+                     "hidden_norm": [1.0, 2.0, 3.0, norm],
+                     "endpoint": {"ce_gap": math.log(ppl[0]) - math.log(ppl[-1]),
+                                  "radial_fraction": {"loop": [1, 4],
+                                                      "mean_abs_cos": [0.3, radial]}}})
+    out = endpoint(runs)
+    assert [r["run"] for r in out["rows"]] == ["r0", "r1", "r2", "r3", "r4"]
+    r3 = next(r for r in out["rows"] if r["run"] == "r3")
+    assert r3["ce_gap"]["mean"] == pytest.approx(math.log(23 / 10.3))
+    assert r3["radial_fraction_K"]["mean"] == 0.06 and r3["per_loop_loss"]
+    xs = np.log10(np.maximum([1e-17, 0.04, 2e-16, 0.06, 0.02], 1e-12))
+    ys = np.log10([2000.0, 30.0, 3000.0, 25.0, 20.0])
+    c = out["correlation"]
+    assert c["all runs"]["n"] == 5
+    assert c["all runs"]["pearson"] == pytest.approx(np.corrcoef(xs, ys)[0, 1], rel=1e-12)
+    assert c["the four core conditions"]["n"] == 4
+    assert c["the four core conditions"]["pearson"] == pytest.approx(
+        np.corrcoef(xs[:4], ys[:4])[0, 1], rel=1e-12)
