@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # The blind spot and its fixes on the CPU demo (config/cpu.py), end to end, for SEEDS seeds:
-# per-loop runs of rmsnorm, scale_visible, final_only, rmsnorm + norm penalty (all at the
-# default lr 6e-3), and rmsnorm + loop norm, which diverges in scale at 6e-3 and so runs at
-# lr 3e-3, beside rmsnorm and scale_visible runs at the same lr. Each run is trained and
+# the paper's six official 44M conditions (terminal rmsnorm, terminal scale_visible, per-loop
+# rmsnorm, per-loop scale_visible, per-loop final_only, terminal rmsnorm + norm penalty 0.01)
+# and nanoloop's own: per-loop rmsnorm + norm penalty (not among the paper's 44M configs), all
+# at the default lr 6e-3, and per-loop rmsnorm + loop norm, which diverges in scale at 6e-3 and
+# so runs at lr 3e-3, beside rmsnorm and scale_visible runs at the same lr. Each run is trained and
 # evaluated (eval.py --run=all: per-depth PPL, halting, depth map, logit lens, diagnostics) in
 # out/repro/seed<n>/<run>, JOBS runs at a time with one thread each. Then, one run at a time on
 # one thread of the otherwise idle machine, generation speed at full depth and under calibrated
 # halting (eval.py --run=speed). Last: the figures and table of seed 1 (table.txt), and the
 # claims and tables over all seeds (claims.txt, claims.json).
 #   SEEDS=3 ITERS=500 JOBS=2 RUNS="rmsnorm penalty" bash reproduce.sh [out_folder] [train flags]
-# Defaults: SEEDS=1, ITERS=500, JOBS=the number of cores, RUNS=all seven, PYTHON=python,
+# Defaults: SEEDS=1, ITERS=500, JOBS=the number of cores, RUNS=all ten, PYTHON=python,
 # SPEED_TOKENS=200 (tokens per timed generation), out_folder=out/repro. On 2 cores one seed
 # takes about 17 minutes. A run replaces the one of the same name there. Two one-thread runs at
 # once beat one two-thread run after the other on 2 cores (two 300-step runs, twice: 112 and
@@ -36,6 +38,9 @@ for knob in SEEDS ITERS JOBS SPEED_TOKENS; do
 done
 # each condition: its run name, then its train.py flags
 CONDITIONS=(
+  "terminal_rmsnorm --supervision=terminal --readout=rmsnorm"
+  "terminal_scale_visible --supervision=terminal --readout=scale_visible"
+  "terminal_penalty --supervision=terminal --norm_penalty=0.01"
   "rmsnorm --readout=rmsnorm"
   "scale_visible --readout=scale_visible"
   "final_only --readout=final_only"

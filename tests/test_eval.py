@@ -689,9 +689,65 @@ def test_eval_all_end_to_end_values(tiny_runs, data_dir, tmp_path):
     assert out["scale"] == scale(model, batches)
     assert out["spread"]["per_loop"] == spread(model, batches)["per_loop"]
     assert out["lemma1"]["max_abs_cos"] == pytest.approx(lemma1(model, batches)["max_abs_cos"])
+    # the endpoint metric, as its definition says: the CE gap is ln PPL_1 - ln PPL_K
+    ppl = out["per_depth"]["ppl"]
+    assert out["endpoint"]["ce_gap"] == pytest.approx(math.log(ppl[0]) - math.log(ppl[K - 1]))
+    assert out["endpoint"]["radial_fraction"] == out["lemma1"]["radial_fraction"]
 
 
 # ---- early exit in wall-clock time (--run=speed) ----------------------------------------------
+
+def test_frontier_is_tokens_over_the_median_round_per_depth(tiny_runs, monkeypatch):
+    """The compute-quality frontier with a clock that charges each loop and readout a known
+    time: tokens/s at depth k is B x T over the median timed round of k loops and one readout;
+    the warm-up round is not timed; the PPL beside it is per_depth's at k."""
+    model, _ = load_model(tiny_runs["rmsnorm"])
+    K = model.config.n_loops
+    clock = [0.0]
+    rounds = [0]
+    loop, readout = model.loop, model.readout
+
+    def slow_loop(h, k, kv_caches=None):
+        clock[0] += 0.01 * (5 if rounds[0] == 0 else 1)  # the untimed warm-up is slow
+        return loop(h, k)
+
+    def slow_readout(h, k, n_loops=None):
+        clock[0] += 0.002
+        if k == K:
+            rounds[0] += 1
+        return readout(h, k)
+    monkeypatch.setattr(model, "loop", slow_loop)
+    monkeypatch.setattr(model, "readout", slow_readout)
+    monkeypatch.setattr(eval_script.time, "perf_counter", lambda: clock[0])
+    x = torch.zeros(3, 32, dtype=torch.long)
+    ppl = [9.0, 8.0, 7.0, 6.5, 6.4, 6.3]
+    out = eval_script.frontier(model, x, ppl, rounds=3)
+    assert out["k"] == list(range(1, K + 1)) and out["ppl"] == ppl[:K]
+    for k, tps in zip(out["k"], out["tokens_per_s"]):
+        assert tps == pytest.approx(3 * 32 / (0.01 * k + 0.002)), k
+
+
+def test_paper_halting_is_per_sequence_on_the_same_windows(tiny_runs, data_dir):
+    """evaluate's halting_paper: for each policy, the threshold calibrated per sequence on the
+    first windows of val (in order, non-overlapping), and its mean loops and PPL on those same
+    windows, recomputed with calibrate on the CEs and scores of the windows."""
+    model, ckpt = load_model(tiny_runs["scale_visible"])
+    data, _ = load_data(data_dir, "tiny_char", 32)
+    cal_b, held_b, held_data, paper = halves(tiny_runs["scale_visible"], data_dir, n=2)
+    x0 = torch.from_numpy(data["val"][:32 * 8 + 1].astype("int64"))
+    assert torch.equal(torch.cat([x for x, _ in paper]), x0[:-1].view(8, 32))
+    assert torch.equal(torch.cat([y for _, y in paper]), x0[1:].view(8, 32))
+    val_b = val_batches(tiny_runs["scale_visible"], data_dir, n=2)[1]
+    out = evaluate(model, val_b, cal_b, held_b, paper, SETTINGS, held_data)
+    K = model.config.n_loops
+    ce, scores = collect(model, paper, K)
+    for policy, h in out["halting_paper"].items():
+        t, loops, ppl = calibrate(ce, scores[policy], policy, K, 1.01, 11, "sequence")
+        full = math.exp(ce[K - 1].double().mean().item())
+        assert h["threshold"] == t and h["n_sequences"] == 8
+        assert h["mean_loops"] == pytest.approx(loops) and h["ppl"] == pytest.approx(ppl)
+        assert h["ratio"] == pytest.approx(ppl / full)
+
 
 def test_speed_reports_the_median_of_the_timed_rounds(tiny_runs, monkeypatch):
     """A fake generator whose calls take known times: tokens/s is batch x new tokens over the

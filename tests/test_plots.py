@@ -214,6 +214,14 @@ def test_claims_compare_each_run_with_the_rmsnorm_run_trained_like_it():
                        lemma={"max_abs_cos": 1e-12, "mean_abs_cos": 1e-13})
     terminal["config"]["supervision"] = "terminal"
     assert [c["held"] for c in judge([terminal] + runs)] == [True] * 4
+    # claim 2 is about per-loop models: a terminal scale_visible run, whose exits before K
+    # are not trained, is not judged against the terminal rmsnorm run at depths 2..K
+    visible = figures("scale_visible_terminal", readout="scale_visible", norms=[1, 1, 0.05],
+                      ppl=[500, 400, 90])
+    visible["config"]["supervision"] = "terminal"
+    claims = judge([terminal, visible] + runs)
+    assert claims[1]["held"] and "scale_visible_terminal" not in claims[1]["values"]
+    assert "scale_visible_terminal" in claims[0]["values"]  # its norm is judged
 
 
 # ---- several seeds: each claim judged per seed, the tables as mean and spread -----------------
