@@ -246,3 +246,18 @@ def test_batches_are_next_token_pairs_from_the_data():
         assert row_y == data[start + 1:start + 17].tolist()
     x2, _ = get_batch(data, 6, 16, seed=3)
     assert torch.equal(x, x2) and not torch.equal(x, get_batch(data, 6, 16, seed=4)[0])
+
+
+def test_evaluation_batches_are_fixed_and_differ_between_splits():
+    """train.py and eval.py evaluate on the same batches every time (eval_seed), and the
+    train split's batches are not drawn at the val split's positions."""
+    import numpy as np
+
+    from rundir import eval_seed, get_batch
+    d = np.arange(5000, dtype=np.uint16)
+    for i in range(3):
+        x1, _ = get_batch(d, 4, 16, eval_seed(i, "val"))
+        x2, _ = get_batch(d, 4, 16, eval_seed(i, "val"))
+        assert torch.equal(x1, x2)
+        xt, _ = get_batch(d, 4, 16, eval_seed(i, "train"))
+        assert not torch.equal(xt[:, 0], x1[:, 0])
