@@ -339,8 +339,8 @@ def test_eval_keeps_the_parts_done_before_a_late_failure(run_copy, monkeypatch):
         eval_script.main([f"--out_dir={run_copy}", "--run=all", "--eval_iters=1",
                           "--n_thresholds=2"])
     done = json.loads((run_copy / "eval.json").read_text())
-    assert {"per_depth", "halting", "lens", "lemma1", "decomposition", "clamp",
-            "scale"} <= done.keys()
+    assert {"per_depth", "halting", "halting_paper", "lens", "lemma1", "lemma2",
+            "variable_depth", "clamp", "scale"} <= done.keys()
 
 
 @pytest.mark.parametrize("script,args", [
