@@ -225,7 +225,8 @@ def test_loop_norm_bounds_the_state_scale():
 
 @pytest.mark.parametrize("readout", READOUTS)
 @pytest.mark.parametrize("extra", [{}, {"loop_norm": True}, {"norm_penalty": 0.01},
-                                   {"supervision": "terminal"}])
+                                   *({"supervision": s} for s in SUPERVISIONS
+                                     if s != "per_loop")])
 def test_a_few_steps_lower_the_loss(readout, extra):
     model = tiny(readout=readout, **extra)
     idx, tgt = batch(B=4)
