@@ -248,11 +248,13 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x, kv_cache=None):
+        if kv_cache is not None:  # generation: the cache stores the keys and values (see
+            B, T, C = x.shape      # Layer.decode, which generation calls)
+            y = kv_cache.attend(self.c_attn(x).view(B * T, 3 * C), self.n_head)
+            return self.c_proj(y.view(B, T, C))
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if kv_cache is not None:  # generation (sample.py): prepend the earlier positions
-            k, v = kv_cache.extend(k, v)
         dropout = self.dropout if self.training else 0.0
         # a whole sequence is causal; one new token attends to everything cached before it
         y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=dropout)
@@ -286,8 +288,73 @@ class Layer(nn.Module):
         self.mlp = SwiGLU(cfg)
 
     def forward(self, x, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), kv_cache)
+        if kv_cache is not None:  # generation: see decode
+            return self.decode(x.reshape(-1, x.size(-1)), kv_cache).view(x.shape)
+        x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
+
+    # ---- generation: forward with a KV cache, in as few ops as possible ----------------------
+    # A decode step is hundreds of ops on a few hundred numbers each, so an op's cost is its
+    # call: the modules' calls, RMSNorm's autograd Function and each transpose of a weight
+    # would be most of the time. decode runs the same arithmetic on weights prepared once per
+    # generation (decode_weights), rows [B * T, C], and no dropout (inference only).
+
+    def decode_weights(self):
+        """decode's weights, made once per generation: each matrix transposed for torch.mm, and
+        each RMSNorm's gain and sqrt(C) folded into the matrix that reads its output, since
+        linear(RMSNorm(x)) = x W'^T / sqrt(sum x^2 + C eps) with W' = W diag(gain) sqrt(C); the
+        SwiGLU's gate and fc side by side (one matmul). Also sqrt(C eps) of each norm."""
+        a, m = self.attn, self.mlp
+        C = a.c_proj.weight.size(0)
+
+        def folded(linear, norm):
+            w = linear.weight * math.sqrt(C)
+            return (w if norm.weight is None else w * norm.weight).t()
+
+        def root_c_eps(norm):
+            return torch.tensor(math.sqrt(C * norm_eps(norm, a.c_proj.weight.dtype)),
+                                dtype=a.c_proj.weight.dtype, device=a.c_proj.weight.device)
+
+        gate_fc = torch.cat((folded(m.c_gate, self.ln_2), folded(m.c_fc, self.ln_2)), dim=1)
+        gate_fc_bias = None if m.c_gate.bias is None else torch.cat((m.c_gate.bias, m.c_fc.bias))
+        return (folded(a.c_attn, self.ln_1), a.c_attn.bias, root_c_eps(self.ln_1),
+                a.c_proj.weight.t(), a.c_proj.bias,
+                gate_fc, gate_fc_bias, root_c_eps(self.ln_2), m.c_proj.weight.t(), m.c_proj.bias)
+
+    def decode(self, x, kv_cache):
+        """forward on rows x [B * T, C] with a KV cache (sample.KVCache's): its attend(qkv,
+        n_head) stores this step's keys and values and attends over every position it holds,
+        and its `weights` are this layer's decode_weights() (made here if it has none)."""
+        weights = getattr(kv_cache, "weights", None) or self.decode_weights()
+        qkv, qkv_b, eps_1, proj, proj_b, gate_fc, gate_fc_b, eps_2, out, out_b = weights
+        y = kv_cache.attend(normed_linear(x, qkv, qkv_b, eps_1), self.attn.n_head)
+        x = linear_added(x, y, proj, proj_b)
+        gate, fc = normed_linear(x, gate_fc, gate_fc_b, eps_2).chunk(2, dim=-1)
+        return linear_added(x, F.silu(gate).mul_(fc), out, out_b)
+
+
+def norm_eps(norm, dtype):
+    return torch.finfo(dtype).eps if norm.eps is None else norm.eps
+
+
+def normed_linear(x, w, bias, root_c_eps):
+    """linear(RMSNorm(x)) for rows x, from decode_weights' folded w: four ops."""
+    rms = torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), root_c_eps)
+    y = torch.mm(x, w)
+    return y.div_(rms) if bias is None else torch.addcdiv(bias, y, rms)
+
+
+def linear_added(x, y, w, bias):
+    """x + linear(y), the residual, for rows and a transposed weight: one op."""
+    x = torch.addmm(x, y, w)
+    return x if bias is None else x.add_(bias)
+
+
+def decode_rms_norm(norm, x):
+    """An RMSNorm module on rows x, without its autograd Function (the between-loop norm)."""
+    rms = x.square().mean(dim=-1, keepdim=True).add_(norm_eps(norm, x.dtype)).rsqrt_()
+    y = x * rms
+    return y if norm.weight is None else y.mul_(norm.weight)
 
 
 # ---- the looped model ----------------------------------------------------------------------
@@ -338,10 +405,17 @@ class LoopedGPT(nn.Module):
 
     def loop(self, h, k, kv_caches=None):
         """Loop k (1-based): the state h_{k-1} in, h_k out, through the same layers every time."""
+        if kv_caches is not None:  # generation: the rows of h, each layer with its cache
+            rows = h.reshape(-1, h.size(-1))
+            if k > 1 and self.loop_rmsnorm is not None:
+                rows = decode_rms_norm(self.loop_rmsnorm, rows)
+            for layer, cache in zip(self.block, kv_caches):
+                rows = layer.decode(rows, cache)
+            return rows.view(h.shape)
         if k > 1 and self.loop_rmsnorm is not None:
             h = self.loop_rmsnorm(h)  # fix 3: every loop starts from the same RMS
-        for i, layer in enumerate(self.block):
-            h = layer(h, None if kv_caches is None else kv_caches[i])
+        for layer in self.block:
+            h = layer(h)
         return h
 
     def loop_states(self, idx, n_loops=None):

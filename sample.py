@@ -14,6 +14,7 @@ Generation lives here: a KV cache per (loop, layer), so a new token costs one po
 and adaptive exit, where each token stops at the first loop whose readout is sure enough.
 """
 
+import math
 import os
 import re
 import sys
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from configurator import DEVICE, NONEMPTY, at_least, check, device_or_exit, one_of, parse
-from model import EXIT_POLICIES, exit_score, exits
+from model import EXIT_POLICIES, exit_score, exits, matmul_dtype
 from prepare import load_tokenizer
 from rundir import die, load_checkpoint, model_from_checkpoint
 
@@ -63,21 +64,116 @@ def together(cfg, explicit):
     return None
 
 
-# ---- generation: a KV cache per (loop, layer), fixed or adaptive exit -----------------------
+# ---- generation: a static KV cache per (loop, layer), fixed or adaptive exit ---------------
+# A decode step of the CPU demo is some 300 ops on vectors of 128 numbers: its time is the ops'
+# calls, not their arithmetic. So the cache is written in place (no concatenation), the layers
+# run on weights prepared once per generation (model.Layer.decode), the exit decision is read
+# back once per loop, and with --compile each loop and its exit test are one compiled graph.
 
 class KVCache:
-    """Keys and values of one (loop, layer) for the positions seen so far, [B, H, T, D]."""
+    """Keys and values of every (loop, layer), preallocated for block_size positions and written
+    in place at each step's positions: nothing is concatenated or allocated per token. loops[k]
+    is what model.loop(h, k, kv_caches) takes: one LoopCache per layer, each with its own buffer
+    [B, block_size, 2, H, D] (position-major: a step's keys and values are one slice of the
+    attention's input projection, written with one op)."""
 
-    def __init__(self):
-        self.k = None
-        self.v = None
+    def __init__(self, model, B, K, static=False):
+        cfg = model.config
+        w = model.lm_head.weight
+        H, D = cfg.n_head, cfg.n_embd // cfg.n_head
+        dtype = matmul_dtype(w)  # under autocast the keys come out of a matmul in its dtype
+        weights = [layer.decode_weights() for layer in model.block]
+        self.loops = {}
+        for k in range(1, K + 1):
+            above = self.loops.get(k - 1, [None] * len(weights))
+            self.loops[k] = [LoopCache(self, torch.zeros(B, cfg.block_size, 2, H, D, dtype=dtype,
+                                                         device=w.device), layer_weights, up)
+                             for layer_weights, up in zip(weights, above)]
+        self.positions = torch.arange(cfg.block_size, device=w.device)
+        self.rows = None  # ragged: the batch rows still running (an index tensor), else all
+        self.queries = torch.zeros(B, H, 1, D, dtype=dtype, device=w.device)  # ragged scratch
+        if static:  # for CUDA graphs: buffers a graph writes must keep their address
+            for k in self.loops:
+                for cache in self.loops[k]:
+                    torch._dynamo.mark_static_address(cache.kv)
+        self.step(0, 1)
 
-    def extend(self, k, v):
-        if self.k is not None:
-            k = torch.cat((self.k, k), dim=2)
-            v = torch.cat((self.v, v), dim=2)
-        self.k, self.v = k, v
-        return k, v
+    def step(self, pos, T):
+        """The next T tokens go to positions pos..pos+T-1 (a (re)fill starts at 0)."""
+        self.T, self.end = T, pos + T
+        self.pos = self.positions[pos:self.end]  # tensors, so a compiled graph takes any step
+        self.last = self.positions[self.end - 1:self.end]
+
+    def exit_rule(self, used):
+        """The early-exit rule at this step's last position, once its loops are done: a token
+        that exited at loop e gets loop e's keys and values at every deeper loop, so that later
+        tokens see its exit state. used: each row's exit loop, on the host."""
+        last = self.end - 1
+        for k in range(min(used) + 1, len(self.loops) + 1):
+            # loop k - 1 holds the exit entries of every row that exited before loop k
+            rows = [b for b, e in enumerate(used) if e < k]
+            if len(rows) < len(used):
+                rows = torch.tensor(rows, device=self.positions.device)
+            else:
+                rows = slice(None)
+            for cache in self.loops[k]:
+                cache.kv[rows, last] = cache.above.kv[rows, last]
+
+    def keep_exited(self, k, done):
+        """The exit rule during a loop that ran every row: after loop k (> 1), the rows done
+        before it take back loop k - 1's keys and values at the step's last position."""
+        for cache in self.loops[k]:
+            kept = torch.where(done[:, None, None, None, None],
+                               cache.above.kv.index_select(1, self.last),
+                               cache.kv.index_select(1, self.last))
+            cache.kv.index_copy_(1, self.last, kept)
+
+
+class LoopCache:
+    """One (loop, layer) of a KVCache: its buffer, its layer's decode weights (Layer.decode
+    takes them from here) and the cache above (loop k - 1), and the attention of Layer.decode."""
+
+    def __init__(self, cache, kv, weights, above):
+        self.cache = cache
+        self.kv = kv
+        self.weights = weights
+        self.above = above
+        self.keys = kv[:, :, 0].transpose(1, 2)  # [B, H, block_size, D]: views of kv
+        self.values = kv[:, :, 1].transpose(1, 2)
+
+    def attend(self, qkv, n_head):
+        """Store this step's keys and values and attend over every position held: qkv [B * T,
+        3C], the attention's input projection (of the running rows only, when the batch is
+        ragged) -> [B * T, C]."""
+        c = self.cache
+        new = qkv.view(-1, c.T, 3, n_head, qkv.size(-1) // (3 * n_head))
+        q = new[:, :, 0].transpose(1, 2)  # [B, H, T, D]
+        if c.rows is None:
+            self.kv.index_copy_(1, c.pos, new[:, :, 1:])
+        else:  # a ragged batch, one token: every row attends (each row on its own, so the
+            # rows that have exited only cost their share of one op), the running rows are kept
+            self.kv.index_put_((c.rows, c.pos), new[:, 0, 1:])
+            q = c.queries.index_copy_(0, c.rows, q)
+        if torch.compiler.is_compiling():  # one graph for every position: the whole buffer
+            y = masked_attention(q, self.kv, c.positions <= c.pos[:, None])
+        else:  # the positions held; a fill (T > 1, from position 0) is causal
+            end = c.end
+            y = F.scaled_dot_product_attention(q, self.keys[:, :, :end], self.values[:, :, :end],
+                                               is_causal=c.T > 1)
+        if c.rows is not None:
+            y = y.index_select(0, c.rows)
+        return y.transpose(1, 2).reshape(qkv.size(0), -1)
+
+
+def masked_attention(q, kv, mask):
+    """Attention of q [B, H, T, D] over a whole KV buffer, mask [T, block_size]: for a compiled
+    graph, where matmuls and a softmax fuse (the CPU's SDPA kernel took 4x as long in one)."""
+    # views made in the graph: with the buffers as slices of one tensor, Inductor read stale
+    # keys through views passed in
+    keys = kv[:, :, 0].transpose(1, 2)
+    values = kv[:, :, 1].transpose(1, 2)
+    att = (q @ keys.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
+    return att.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ values
 
 
 def sample_next(logits, temperature=1.0, top_k=None):
@@ -93,81 +189,176 @@ def sample_next(logits, temperature=1.0, top_k=None):
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, n_loops=None,
-             exit_policy=None, exit_threshold=None, use_cache=True):
+             exit_policy=None, exit_threshold=None, use_cache=True, ragged=None, compile=False):
     """Sample tokens after `idx` [B, T]; returns (idx with them, exit loop of each [B, new]), both
     on the model's device. Depth: a fixed `n_loops` (default K), or adaptive per token: the first
     loop whose readout passes `exit_policy` at `exit_threshold` (at most n_loops). When the cache
     reaches block_size it is refilled from the last block_size // 2 tokens, which run every loop
     again (only the last one's exit is decided anew); without a cache the context is cropped to
-    block_size every token, as in nanoGPT."""
+    block_size every token, as in nanoGPT. ragged: adaptive exit runs the deeper loops on the
+    rows still running only (None: where it pays, see use_ragged). compile: each loop of a
+    one-token step is a compiled graph (see compiled_steps). The model runs as in eval mode."""
+    with torch.inference_mode():  # lighter than no_grad: no version counters, no view tracking
+        out, loops = _generate(model, idx, max_new_tokens, temperature, top_k, n_loops,
+                               exit_policy, exit_threshold, use_cache, ragged, compile)
+    return out.clone(), loops.clone()  # ordinary tensors again, for any later use
+
+
+def _generate(model, idx, max_new_tokens, temperature, top_k, n_loops, policy, threshold,
+              use_cache, ragged, compile):
     K = n_loops or model.config.n_loops
     bs = model.config.block_size
     idx = idx.to(model.lm_head.weight.device)  # the prompt, the tokens and the caches live there
-    caches = None
-    n_cached = 0
+    B, P = idx.shape
+    if ragged is None:
+        ragged = use_ragged(idx.device, B) and not compile
+    steps = compiled_steps(COMPILE_BACKEND) if compile else (fixed_loop, exit_loop)
+    out = torch.empty(B, P + max_new_tokens, dtype=idx.dtype, device=idx.device)
+    out[:, :P] = idx
+    cache = KVCache(model, B, K, static=compile) if use_cache else None
+    n_cached = 0  # positions the cache holds (0: not filled yet)
     loops_used = []
-    for _ in range(max_new_tokens):
-        if use_cache and caches is not None and n_cached < bs:
-            x, pos0 = idx[:, -1:], n_cached
+    for t in range(P, P + max_new_tokens):
+        if compile and idx.device.type == "cuda":  # a new step: the graphs' last outputs are
+            torch.compiler.cudagraph_mark_step_begin()  # read (or cloned) by now
+        if cache is not None and 0 < n_cached < bs:
+            x, pos0 = out[:, t - 1:t], n_cached
         else:  # (re)fill the cache, or recompute the cropped context without one
-            x, pos0 = idx[:, -(bs // 2 if caches is not None else bs):], 0
-            if use_cache:
-                caches = {k: [KVCache() for _ in model.block] for k in range(1, K + 1)}
-        logits, used = exit_step(model, x, pos0, K, caches, exit_policy, exit_threshold)
+            window = bs // 2 if cache is not None and n_cached else bs
+            x, pos0 = out[:, max(0, t - window):t], 0
+        one = x.size(1) == 1
+        logits, used = exit_step(model, x, pos0, K, cache, policy, threshold,
+                                 ragged and one, steps if one else (fixed_loop, exit_loop))
         n_cached = pos0 + x.size(1)
-        idx = torch.cat((idx, sample_next(logits, temperature, top_k)), dim=1)
+        out[:, t:t + 1] = sample_next(logits, temperature, top_k)
         loops_used.append(used)
-    return idx, torch.stack(loops_used, dim=1)
+    return out, torch.stack(loops_used, dim=1)
 
 
 def who_exited(done):
     """(has every row exited, has any), in one read from the device: the one host sync per loop
     of adaptive exit on a GPU, paid for by skipping the deeper loops of the whole batch when
-    every row has exited, and the exited rows' cache copies while none has."""
+    every row has exited."""
     every, some = torch.stack((done.all(), done.any())).tolist()
     return every, some
 
 
-def exit_step(model, x, pos0, K, caches, policy, threshold):
-    """Run the loops on x; decode its last position. Returns logits [B, V] and exit loops [B].
-    Cache rule for adaptive exit: a token that exits at loop e gets, at the deeper loops, the
-    keys/values of loop e, so later tokens see its exit state."""
+def exit_step(model, x, pos0, K, cache, policy, threshold, ragged=False,
+              steps=None):
+    """Run the loops on x [B, T] at positions pos0..; decode its last position. Returns logits
+    [B, V] and exit loops [B]. Cache rule for adaptive exit: a token that exits at loop e gets,
+    at the deeper loops, the keys/values of loop e, so later tokens see its exit state.
+    ragged: the rows that exit leave the batch (ragged_exit_step); else every row runs until
+    every row has exited. steps: the functions that run one loop (compiled or not)."""
+    fixed, adaptive = steps or (fixed_loop, exit_loop)
+    if cache is not None:
+        cache.step(pos0, x.size(1))
     h = model.embed(x, pos0)
+    B = x.size(0)
+    caches = cache.loops if cache is not None else {k: None for k in range(1, K + 1)}
+    if policy is None:  # fixed depth: only the last loop is decoded
+        for k in range(1, K + 1):
+            h = fixed(model, h, k, caches[k])
+        return model.readout(h[:, -1], K), torch.full((B,), K, dtype=torch.long, device=h.device)
+    if ragged:
+        return ragged_exit_step(model, h, K, cache, policy, threshold)
     chosen = None
-    done = torch.zeros(x.size(0), dtype=torch.bool, device=h.device)
-    used = torch.full((x.size(0),), K, dtype=torch.long, device=h.device)
-    some_exited = False  # has a row exited at an earlier loop? (True where not read back)
+    done = torch.zeros(B, dtype=torch.bool, device=h.device)
+    used = torch.full((B,), K, dtype=torch.long, device=h.device)
     for k in range(1, K + 1):
-        h = model.loop(h, k, None if caches is None else caches[k])
-        if policy is None:  # fixed depth: only the last loop is decoded
-            if k == K:
-                chosen = model.readout(h[:, -1], k)
-            continue
-        if caches is not None and some_exited:
-            # rows that exited: their token's K/V here are those of the loop above (and so of
-            # its exit loop). A masked copy of every row, not an if per row.
-            exited = done[:, None, None]  # [B, 1, 1], over heads and head dims
-            for cache, above in zip(caches[k], caches[k - 1]):
-                cache.k[:, :, -1] = torch.where(exited, above.k[:, :, -1], cache.k[:, :, -1])
-                cache.v[:, :, -1] = torch.where(exited, above.v[:, :, -1], cache.v[:, :, -1])
-        logits = model.readout(h[:, -1], k)
-        chosen = logits if chosen is None else torch.where(done[:, None], chosen, logits)
+        h, chosen, done, used = adaptive(model, h, k, caches[k], chosen, done, used, policy,
+                                         threshold, k < K)
+        # Skip the deeper loops once every row has exited. A fill cannot: its earlier
+        # positions need every loop's keys/values, so it reads nothing back.
+        if k < K and (cache is None or x.size(1) == 1):
+            every, _ = who_exited(done)
+            if every:
+                if cache is not None:  # the loops skipped hold loop k's entries
+                    cache.exit_rule([k] * B)
+                break
+    return chosen, used.clone()  # kept past the step (a CUDA graph's output is overwritten)
+
+
+def fixed_loop(model, h, k, caches):
+    """Loop k of fixed depth."""
+    return model.loop(h, k, caches)
+
+
+def exit_loop(model, h, k, caches, chosen, done, used, policy, threshold, test):
+    """Loop k of adaptive exit on every row, with its readout and exit test (none at the last
+    loop, where every row exits): the rows that exit here take this loop's logits and k, the
+    rows done before keep theirs, and their keys and values of the loop above (exit rule)."""
+    h = model.loop(h, k, caches)
+    if caches is not None and k > 1:
+        caches[0].cache.keep_exited(k, done)
+    logits = model.readout(h[:, -1], k)
+    chosen = logits if chosen is None else torch.where(done[:, None], chosen, logits)
+    if test:
         newly = ~done & exits(exit_score(logits, policy), policy, threshold)
         used = torch.where(newly, k, used)
         done = done | newly
-        # Skip the deeper loops once every row has exited. A prefill cannot: its earlier
-        # positions need every loop's keys/values, so it reads nothing back.
-        if k < K and (caches is None or x.size(1) == 1):
-            every, some_exited = who_exited(done)
-            if every:
-                if caches is not None:  # the skipped deeper loops cache this loop's entries
-                    for deeper in range(k + 1, K + 1):
-                        for cache, exit_cache in zip(caches[deeper], caches[k]):
-                            cache.extend(exit_cache.k[:, :, -1:], exit_cache.v[:, :, -1:])
-                break
-        else:
-            some_exited = True
-    return chosen, used
+    return h, chosen, done, used
+
+
+def ragged_exit_step(model, h, K, cache, policy, threshold):
+    """exit_step for one token per row, each loop run on the rows still running only: the exit
+    decisions are read back every loop (a list on the host), the rows that exit leave h, and the
+    cache writes the others' keys and values in their own rows."""
+    B = h.size(0)
+    running = list(range(B))  # the batch row of each row of h
+    used = [K] * B
+    chosen = None
+    for k in range(1, K + 1):
+        h = model.loop(h, k, cache.loops[k])
+        logits = model.readout(h[:, -1], k)
+        if k == K:
+            passed = [True] * len(running)
+        else:  # the one read back of the loop
+            passed = exits(exit_score(logits, policy), policy, threshold).tolist()
+        if not any(passed):
+            continue
+        for b, p in zip(running, passed):
+            if p:
+                used[b] = k
+        if chosen is None and all(passed):  # the whole batch at once
+            chosen = logits
+            break
+        if chosen is None:
+            chosen = logits.new_empty(B, logits.size(-1))
+        leave = [i for i, p in enumerate(passed) if p]
+        chosen[[running[i] for i in leave]] = logits[leave]
+        stay = [i for i, p in enumerate(passed) if not p]
+        if not stay:
+            break
+        h = h[stay]
+        running = [running[i] for i in stay]
+        cache.rows = torch.tensor(running, device=h.device)
+    cache.rows = None
+    cache.exit_rule(used)
+    return chosen, torch.tensor(used, device=h.device)
+
+
+def use_ragged(device, B):
+    """Ragged batches where they were measured to pay: see RAGGED."""
+    return device.type == "cpu"
+
+
+_COMPILED = {}
+COMPILE_BACKEND = "inductor"  # tests trace with "aot_eager": the same graphs, no C++ to build
+
+
+def compiled_steps(backend="inductor"):
+    """fixed_loop and exit_loop, compiled: one graph per loop k (the loop, and for adaptive exit
+    its readout, exit test and bookkeeping), CUDA graphs on a GPU ("reduce-overhead"). Shapes
+    are static: the KV buffers are written at a position tensor and attention spans the whole
+    buffer, masked (LoopCache.attend), so one graph serves every position."""
+    if backend not in _COMPILED:
+        # one graph per loop, batch size and policy: more than torch's default of 8 per function
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        mode = "reduce-overhead" if backend == "inductor" and torch.cuda.is_available() else None
+        _COMPILED[backend] = tuple(torch.compile(fn, backend=backend, mode=mode, dynamic=False)
+                                   for fn in (fixed_loop, exit_loop))
+    return _COMPILED[backend]
 
 
 # ---- showing the depth of each token -------------------------------------------------------

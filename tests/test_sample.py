@@ -1,6 +1,7 @@
 """sample.py: generation with a KV cache per (loop, layer), adaptive exit, and --show_depth."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -41,24 +42,47 @@ def test_generate_crops_context_and_respects_depth():
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_kv_cache_rule_for_early_exit():
-    """A token that exits at loop e gets loop e's keys/values at the deeper loops of the cache."""
+@pytest.mark.parametrize("ragged", [True, False], ids=["ragged", "dense"])
+def test_kv_cache_rule_for_early_exit(ragged):
+    """A token that exits at loop e gets loop e's keys/values at the deeper loops of the cache,
+    written in place in the buffers made before the first token."""
     model = tiny(n_loops=3).double()
     idx = torch.randint(37, (2, 6), generator=torch.Generator().manual_seed(1))
-    caches = {k: [KVCache(), KVCache()] for k in (1, 2, 3)}
+    cache = KVCache(model, 2, 3)
+    buffers = [c.kv for k in (1, 2, 3) for c in cache.loops[k]]
     with torch.no_grad():
-        exit_step(model, idx, 0, 3, caches, None, None)  # prefill at full depth
-        logits, used = exit_step(model, idx[:, -1:], 6, 3, caches, "entropy", 1e9)  # all exit at 1
+        exit_step(model, idx, 0, 3, cache, None, None)  # fill at full depth
+        logits, used = exit_step(model, idx[:, -1:], 6, 3, cache, "entropy", 1e9,
+                                 ragged)  # all exit at loop 1
     assert used.tolist() == [1, 1]
+    assert [c.kv for k in (1, 2, 3) for c in cache.loops[k]] == buffers  # the same tensors
     for k in (2, 3):
-        for cache, exit_cache in zip(caches[k], caches[1]):
-            for kv, exit_kv in ((cache.k, exit_cache.k), (cache.v, exit_cache.v)):
-                assert kv.shape[2] == 7 and torch.equal(kv[:, :, -1], exit_kv[:, :, -1])
-                assert not torch.equal(kv[:, :, :-1], exit_kv[:, :, :-1])  # prompt ran all loops
+        for cache_k, exit_cache in zip(cache.loops[k], cache.loops[1]):
+            kv, exit_kv = cache_k.kv, exit_cache.kv  # [B, block_size, 2, H, D]
+            assert torch.equal(kv[:, 6], exit_kv[:, 6])
+            assert not torch.equal(kv[:, :6], exit_kv[:, :6])  # the prompt ran every loop
     with torch.no_grad():
-        full = model.loop_states(idx)  # prefill entries equal a plain forward's at each loop
+        full = model.loop_states(idx)  # the fill's last logits are a plain forward's
         uncached = exit_step(model, idx, 0, 3, None, None, None)[0]
     assert torch.allclose(model.readout(full[-1][:, -1], 3), uncached)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_attention_with_a_cache_matches_without():
+    """CausalSelfAttention(x, kv_cache) and Layer(x, kv_cache), on a fill from position 0, equal
+    the plain forward (Layer.decode's weights prepared, or made on the spot)."""
+    model = tiny().double()
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    layer = model.block[0]
+    with torch.no_grad():
+        for weights in (True, False):
+            cache = KVCache(model, 2, 1)
+            cache.step(0, 7)
+            loop_cache = cache.loops[1][0]
+            if not weights:
+                del loop_cache.weights
+            assert torch.allclose(layer.attn(x, loop_cache), layer.attn(x), atol=1e-12)
+            assert torch.allclose(layer(x, loop_cache), layer(x), atol=1e-12)
 
 
 # ---- the KV cache against a recompute, at the logits ------------------------------------------
@@ -67,7 +91,7 @@ def lively(**kw):
     """A random tiny model whose logits depend on the tokens and their positions (std 0.5, not
     0.02: a barely trained or freshly initialised model predicts nearly the same thing
     everywhere, so a cache that forgets its context or positions would still match)."""
-    model = tiny(n_loops=4, **kw).double()
+    model = tiny(**{"n_loops": 4, **kw}).double()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
@@ -176,15 +200,20 @@ def test_kv_cache_fixed_depth_matches_recompute_at_the_logits(use_cache, n_loops
 
 
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no_cache"])
-def test_kv_cache_adaptive_exit_matches_recompute_at_the_logits(use_cache, monkeypatch):
+@pytest.mark.parametrize("model_kw", [{}, {"loop_norm": True, "bias": True}],
+                         ids=["plain", "loop_norm_bias"])
+@pytest.mark.parametrize("use_cache,ragged", [(True, True), (True, False), (False, False)],
+                         ids=["ragged", "dense", "no_cache"])
+def test_kv_cache_adaptive_exit_matches_recompute_at_the_logits(use_cache, ragged, model_kw,
+                                                                monkeypatch):
     """Rows exit at different loops, token by token; with a cache each exited token's deeper
-    keys/values are its exit loop's (exit_step's rule), across two refills of the cache."""
-    model = lively()
+    keys/values are its exit loop's (exit_step's rule), across two refills of the cache. A
+    ragged batch runs the deeper loops on the rows still running only; a dense one on all."""
+    model = lively(**model_kw)
     K = model.config.n_loops
     prompt = torch.randint(37, (3, 5), generator=torch.Generator().manual_seed(1))
     out, loops, logits = generated(model, prompt, 30, monkeypatch, exit_policy="max_prob",
-                                   exit_threshold=0.35, use_cache=use_cache)
+                                   exit_threshold=0.35, use_cache=use_cache, ragged=ragged)
     with torch.no_grad():
         want, want_loops = recomputed(model, out, 5, K, "max_prob", 0.35, use_cache)
     assert set(loops.unique().tolist()) == set(range(1, K + 1))  # every depth is used
@@ -192,6 +221,34 @@ def test_kv_cache_adaptive_exit_matches_recompute_at_the_logits(use_cache, monke
     assert (loops.amax(dim=0) < K).sum() >= 3  # and some steps skip the deeper loops for all
     assert torch.allclose(logits, want, rtol=0, atol=1e-10)
     assert torch.equal(loops, want_loops)
+
+
+INDUCTOR = pytest.mark.skipif(not os.environ.get("NANOLOOP_INDUCTOR_TEST"),
+                              reason="NANOLOOP_INDUCTOR_TEST=1 builds the C++ graphs (40 s)")
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=INDUCTOR)])
+@pytest.mark.parametrize("policy", [None, "max_prob"], ids=["fixed", "adaptive"])
+def test_compiled_generation_matches_recompute_at_the_logits(policy, backend, monkeypatch):
+    """compile=True: each loop a compiled graph over the whole, masked KV buffer, across two
+    refills; the same logits as a recompute, in float64. aot_eager traces the graphs Inductor
+    would take (Dynamo, AOT autograd) without building C++; Inductor has its own (opt-in) run:
+    it once read stale keys where aot_eager did not (through views of a buffer its graph wrote,
+    the buffers then slices of one tensor)."""
+    monkeypatch.setattr(sample, "COMPILE_BACKEND", backend)
+    torch._dynamo.reset()
+    model = lively(n_loops=2, n_layer=1)  # two graphs per loop function: seconds to trace
+    prompt = torch.randint(37, (3, 5), generator=torch.Generator().manual_seed(1))
+    kw = {"exit_policy": policy, "exit_threshold": 0.25} if policy else {}
+    out, loops, logits = generated(model, prompt, 20, monkeypatch, compile=True, **kw)
+    with torch.no_grad():
+        want, want_loops = recomputed(model, out, 5, 2, policy, 0.25, True)
+    assert torch.allclose(logits, want, rtol=0, atol=1e-10)
+    assert torch.equal(loops, want_loops)
+    if policy:
+        assert (loops.amax(dim=0) == 1).sum() >= 3  # whole steps skipped loop 2
+        assert (loops[:, loops.amax(dim=0) == 2] == 1).sum() >= 3  # rows kept loop 1's K/V
 
 
 # ---- generation on an accelerator: the stand-in (tests/standin.py) --------------------------
