@@ -1,0 +1,921 @@
+"""Every number nanoloop writes for a user, against a second computation of the same quantity
+(issue #33): log.jsonl, the training step, eval.json's per-depth and halting sections,
+claims.json and experiments.py's table, plot_norms.py's plotted data and table, bench.py's
+figures that are not timings, the device clock's synchronize, and sampling's distribution.
+
+Each expected value is computed here from its definition (the README's words, quoted where it
+gives them), by brute force, in float64 or token by token, never by calling the function under
+test or a helper it shares. Values are compared, not shapes."""
+
+import json
+import math
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import TINY, read_log
+from model import EXIT_POLICIES, LoopedGPT
+from rundir import eval_seed, get_batch, load_checkpoint, load_data, model_config
+from rundir import model_from_checkpoint
+
+
+# ---- a looped model by hand, in float64 ---------------------------------------------------
+
+def hand_states(model, x, n_loops=None):
+    """h_1..h_n of a float64 copy of `model` (no loop norm), written out: the token and
+    position embeddings, then the block's layers once per loop."""
+    assert model.loop_rmsnorm is None
+    wte = model.wte.weight.detach().double()
+    wpe = model.wpe.weight.detach().double()
+    layers = [type(layer)(model.config).double() for layer in model.block]
+    for mine, theirs in zip(layers, model.block):
+        mine.load_state_dict(theirs.state_dict())
+        mine.eval()
+    h = wte[x] + wpe[torch.arange(x.size(1))]
+    states = []
+    with torch.no_grad():
+        for _ in range(n_loops or model.config.n_loops):
+            for layer in layers:
+                h = layer(h)
+            states.append(h)
+    return states
+
+
+def hand_logits(model, h):
+    """The readout of h through the tied head, float64: rmsnorm is h / sqrt(mean(h^2) + eps)
+    times its gain; scale_visible is h itself."""
+    w = model.lm_head.weight.detach().double()
+    if model.config.readout == "rmsnorm":
+        gain = model.readout_norm.weight.detach().double()
+        h = h / torch.sqrt(h.pow(2).mean(dim=-1, keepdim=True) + model.config.norm_eps) * gain
+    else:
+        assert model.config.readout == "scale_visible"
+    return h @ w.t()
+
+
+def token_ce(logits, y):
+    """Per token: logsumexp of the logits minus the target's logit."""
+    return torch.logsumexp(logits, dim=-1) - logits.gather(-1, y[..., None])[..., 0]
+
+
+def hand_scores(logits):
+    """Per token, each exit policy's score from its definition: the largest softmax
+    probability, the top-1 minus the top-2 logit, the entropy of the softmax."""
+    p = torch.softmax(logits, dim=-1)
+    top = logits.sort(dim=-1, descending=True).values
+    return {"max_prob": p.max(dim=-1).values, "logit_margin": top[..., 0] - top[..., 1],
+            "entropy": -(p * p.log()).sum(dim=-1)}
+
+
+# ---- log.jsonl -------------------------------------------------------------------------------
+
+def test_log_values_recomputed_token_by_token(data_dir, tmp_path, monkeypatch):
+    """log.jsonl's numbers at iter 0 (the initial weights, remade from the seed) and at the end
+    (the final checkpoint's weights), recomputed here in float64 over every token of the
+    evaluation batches, from the README's definitions:
+    "`hidden_norm`: K floats: ||h_k||, the mean over validation tokens of each token's L2 norm
+    of h_k"; "`train_loop_ce`, `val_loop_ce`: K floats: mean CE when exiting after loop k, on
+    `eval_iters` fixed batches of each split"; "`lr`: learning rate of the next step";
+    "`tokens_per_sec`: training throughput since the previous evaluation"; "`elapsed`: seconds
+    of training so far". The clock is one that a training forward pass moves by 0.25 s and
+    nothing else moves, so throughput and elapsed time are known exactly."""
+    import train
+    clock = [100.0]
+    forward = LoopedGPT.forward
+
+    def timed(self, *args, **kw):
+        if self.training:
+            clock[0] += 0.25
+        return forward(self, *args, **kw)
+    monkeypatch.setattr(LoopedGPT, "forward", timed)
+    monkeypatch.setattr(train, "time", SimpleNamespace(time=lambda: clock[0]))
+    B, acc, T = 2, 3, 32
+    train.main(TINY + [f"--data_dir={data_dir}", "--dataset=tiny_char", f"--out_dir={tmp_path}",
+                       f"--batch_size={B}", f"--gradient_accumulation_steps={acc}",
+                       "--max_iters=4", "--eval_interval=2"])
+    log = read_log(tmp_path)
+    assert [e["iter"] for e in log] == [0, 2, 4]
+    # lr: TINY's 3e-3 after 2 linear warmup steps of (it + 1) / 3
+    assert [e["lr"] for e in log] == pytest.approx([1e-3, 3e-3, 3e-3], rel=1e-12)
+    assert [e["elapsed"] for e in log] == pytest.approx([0.0, 2 * acc * 0.25, 4 * acc * 0.25])
+    tokens = 2 * B * acc * T  # two steps of batch x micro-batches x positions
+    assert log[1]["tokens_per_sec"] == pytest.approx(tokens / (2 * acc * 0.25))
+    assert log[2]["tokens_per_sec"] == pytest.approx(tokens / (2 * acc * 0.25))
+    assert all(e["skipped_steps"] == 0 for e in log)
+
+    ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
+    torch.manual_seed(ckpt["config"]["seed"])
+    initial = LoopedGPT(model_config(ckpt["config"]))
+    final = model_from_checkpoint(ckpt, "cpu")
+    data, _ = load_data(data_dir, "tiny_char", T)
+    K = final.config.n_loops
+    for entry, model in ((log[0], initial), (log[-1], final)):
+        expect = {}
+        for split in ("train", "val"):
+            ce_sum, n = torch.zeros(K, dtype=torch.float64), 0
+            norms = [[] for _ in range(K)]
+            for i in range(2):  # TINY: eval_iters=2 batches of batch_size sequences
+                x, y = get_batch(data[split], B, T, eval_seed(i, split))
+                for k, h in enumerate(hand_states(model, x)):
+                    ce_sum[k] += token_ce(hand_logits(model, h), y).sum()
+                    norms[k] += h.pow(2).sum(dim=-1).sqrt().flatten().tolist()
+                n += x.numel()
+            expect[f"{split}_loop_ce"] = (ce_sum / n).tolist()
+            expect[f"{split}_norm"] = [sum(v) / len(v) for v in norms]
+        assert entry["train_loop_ce"] == pytest.approx(expect["train_loop_ce"], rel=1e-5)
+        assert entry["val_loop_ce"] == pytest.approx(expect["val_loop_ce"], rel=1e-5)
+        assert entry["hidden_norm"] == pytest.approx(expect["val_norm"], rel=1e-5)
+        assert entry["hidden_norm"] != pytest.approx(expect["train_norm"], rel=1e-3)
+
+
+# ---- the training step against a reference step written plainly ---------------------------
+
+STEP_CASES = {  # option -> train.py flags (3 steps; TINY: lr 3e-3 after 2 warmup steps)
+    "clip": ["--grad_clip=0.05"],
+    "no_clip": ["--grad_clip=0"],
+    "accumulation": ["--gradient_accumulation_steps=3", "--grad_clip=0.05"],
+    "decay_all": ["--weight_decay=0.1", "--beta1=0.8", "--beta2=0.95"],
+    "decay_matrices": ["--weight_decay=0.1", "--weight_decay_on=matrices"],
+    "skip_nonfinite": ["--skip_nonfinite=True", "--grad_clip=0.05"],
+    "float16_scaler": ["--skip_nonfinite=True", "--grad_clip=0.05",
+                       "--gradient_accumulation_steps=2"],
+}
+NAN_STEP = 1  # skip_nonfinite and float16_scaler: this step's gradient is NaN
+
+
+@pytest.mark.parametrize("case", STEP_CASES)
+def test_training_step_equals_a_plain_reference_step(case, data_dir, tmp_path, monkeypatch):
+    """Three optimizer steps of train.py against a reference step written plainly here, on the
+    same micro-batches: plain autograd on the model's loss, each micro-batch's loss divided by
+    their count; a step whose gradient norm is not finite skipped (--skip_nonfinite); torch's
+    clip_grad_norm_ when --grad_clip > 0; a plain torch.optim.AdamW with the run's betas, decay
+    groups (--weight_decay_on: all parameters, or only those of 2+ dimensions) and the warmup
+    schedule (lr x (it + 1) / (warmup + 1)). Compared: the gradient the optimizer is handed at
+    each step (read by a step pre-hook), the lr and decay of each group at that step, the log's
+    lr and skipped steps, and the weights after the last step.
+    float16_scaler: a CPU has no float16 autocast, so train.py's GradScaler is built enabled
+    (torch.amp.GradScaler on the CPU, init scale 2^14, growth every good step) while the model
+    runs in float32: the scaled backward, unscale_, the clip of the unscaled gradient and the
+    scaler's skip of a NaN step are all exercised; the scale must end where GradScaler's rules
+    put it (x2 per good step, x0.5 on the NaN one)."""
+    import train
+    flags = dict(a[2:].split("=") for a in STEP_CASES[case])
+    acc = int(flags.get("gradient_accumulation_steps", 1))
+    clip = float(flags.get("grad_clip", 1.0))
+    decay = float(flags.get("weight_decay", 0.01))
+    betas = (float(flags.get("beta1", 0.9)), float(flags.get("beta2", 0.999)))
+    nan_step = NAN_STEP if "skip_nonfinite" in flags else None
+    batches, seen = [], []  # the run's micro-batches; what each optimizer step was handed
+    forward = LoopedGPT.forward
+
+    def recorded(self, idx, targets=None, **kw):
+        logits, loss, stats = forward(self, idx, targets, **kw)
+        if self.training:
+            batches.append((idx.clone(), targets.clone()))
+            if nan_step is not None and len(batches) == nan_step * acc + 1:
+                loss = loss * float("nan")
+        return logits, loss, stats
+    configure = LoopedGPT.configure_optimizers
+
+    def hooked(self, *args, **kw):
+        opt = configure(self, *args, **kw)
+        names = {id(p): n for n, p in self.named_parameters()}
+
+        def pre(optimizer, a, k):
+            seen.append(({names[id(p)]: p.grad.clone() for g in optimizer.param_groups
+                          for p in g["params"]},
+                         [(g["lr"], g["weight_decay"], g["betas"], sorted(
+                             names[id(p)] for p in g["params"])) for g in optimizer.param_groups]))
+        opt.register_step_pre_hook(pre)
+        return opt
+    monkeypatch.setattr(LoopedGPT, "forward", recorded)
+    monkeypatch.setattr(LoopedGPT, "configure_optimizers", hooked)
+    if case == "float16_scaler":
+        scaler = torch.amp.GradScaler
+        monkeypatch.setattr(torch.amp, "GradScaler", lambda device, enabled=False: scaler(
+            device, enabled=True, init_scale=2.0 ** 14, growth_interval=1))
+    train.main(TINY + [f"--data_dir={data_dir}", "--dataset=tiny_char", f"--out_dir={tmp_path}",
+                       "--batch_size=2", "--max_iters=3", "--eval_interval=3", "--eval_iters=1",
+                       *STEP_CASES[case]])
+    ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert len(batches) == 3 * acc
+
+    # the reference
+    cfg = ckpt["config"]
+    torch.manual_seed(cfg["seed"])
+    ref = LoopedGPT(model_config(cfg)).train()
+    params = list(ref.parameters())
+    names = {id(p): n for n, p in ref.named_parameters()}
+    if flags.get("weight_decay_on") == "matrices":
+        groups = [[p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]]
+        opt = torch.optim.AdamW([{"params": groups[0], "weight_decay": decay},
+                                 {"params": groups[1], "weight_decay": 0.0}], betas=betas)
+    else:
+        opt = torch.optim.AdamW([{"params": params, "weight_decay": decay}], betas=betas)
+    taken, clipped = [], []
+    for it in range(3):
+        lr = 3e-3 * (it + 1) / 3 if it < 2 else 3e-3
+        for g in opt.param_groups:
+            g["lr"] = lr
+        for m in range(acc):
+            x, y = batches[it * acc + m]
+            _, loss, _ = ref(x, y)
+            if it == nan_step and m == 0:
+                loss = loss * float("nan")
+            (loss / acc).backward()
+        norm = math.sqrt(sum(p.grad.double().pow(2).sum().item() for p in params))
+        if nan_step is not None and not math.isfinite(norm):
+            opt.zero_grad()
+            continue
+        if clip > 0:
+            clipped.append(norm > clip)
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        grads, groups_seen = seen[len(taken)]
+        for p in params:
+            torch.testing.assert_close(grads[names[id(p)]], p.grad, rtol=1e-5, atol=1e-9,
+                                       msg=f"step {it}: the gradient of {names[id(p)]}")
+        assert groups_seen == [(lr, g["weight_decay"], betas,
+                                sorted(names[id(p)] for p in g["params"]))
+                               for g in opt.param_groups]
+        opt.step()
+        opt.zero_grad()
+        taken.append(it)
+    assert len(seen) == len(taken) == (2 if nan_step is not None else 3)
+    assert all(clipped) and (clip == 0) == (not clipped)  # a clip that acts, or none at all
+    for name, w in ref.state_dict().items():
+        torch.testing.assert_close(ckpt["model"][name], w, rtol=1e-5, atol=1e-7, msg=name)
+    log = read_log(tmp_path)
+    assert [e["lr"] for e in log] == pytest.approx([1e-3, 3e-3], rel=1e-12)
+    assert log[-1]["skipped_steps"] == (1 if nan_step is not None else 0)
+    if case == "float16_scaler":
+        assert ckpt["scaler"]["scale"] == 2.0 ** 14 * 2 * 0.5 * 2
+
+
+# ---- eval.json: per-depth PPL and halting ----------------------------------------------------
+
+def exits_by_scan(score, policy, t, K, unit):
+    """Each token's exit loop [S, T]: scanning from loop K-1 down to loop 1, a loop whose unit
+    score passes the threshold (>= t; entropy <= t) becomes the exit, so the first passing loop
+    is the one left; none passes: loop K. A sequence's unit score is its tokens' mean."""
+    u = score[:K] if unit == "token" else score[:K].mean(dim=-1, keepdim=True)
+    exit_at = torch.full(u.shape[1:], K)
+    for k in range(K - 1, 0, -1):
+        passed = u[k - 1] <= t if policy == "entropy" else u[k - 1] >= t
+        exit_at = torch.where(passed, torch.full_like(exit_at, k), exit_at)
+    return exit_at.expand(score.shape[1:])
+
+
+def loops_and_ppl(ce, score, policy, t, K, unit):
+    """(mean exit loop, exp of the mean CE of every token read at its own exit loop), the sum
+    taken token by token in float64."""
+    exit_at = exits_by_scan(score, policy, t, K, unit).flatten().tolist()
+    flat = ce[:K].double().flatten(1).tolist()
+    total = sum(flat[k - 1][i] for i, k in enumerate(exit_at))
+    return sum(exit_at) / len(exit_at), math.exp(total / len(exit_at))
+
+
+def grid_loosest_first(score, policy, K, n, unit):
+    """The README's candidates: "of --n_thresholds (51) quantiles of the scores at loops 1..K-1
+    and one past each end" (numpy's linear quantiles; a sequence's score: its tokens' mean),
+    the loosest (the one most units pass) first."""
+    s = score[:K - 1] if unit == "token" else score[:K - 1].mean(dim=-1)
+    s = s.double().flatten().numpy()
+    grid = sorted({s.min() - 1e-6, *np.quantile(s, np.linspace(0, 1, n)).tolist(),
+                   s.max() + 1e-6})
+    return grid[::-1] if policy == "entropy" else grid  # entropy passes at or below t
+
+
+def halting_by_brute_force(cal, held, policy, K, target, n, unit):
+    """The README's halting: "the one with the fewest mean loops whose PPL is within 1.01x
+    (--target) of running all loops, found by trying every one", on the calibration batches
+    (the loosest of a tie); then its mean loops and PPL on the held-out batches, and the ratio
+    of that PPL to the held-out batches' own full-depth PPL ("held-out PPL / full-depth PPL").
+    No threshold within target: all K loops, ratio 1."""
+    full_cal = math.exp(cal[0][K - 1].double().mean().item())
+    best = (None, float(K))
+    for t in grid_loosest_first(cal[1][policy], policy, K, n, unit):
+        loops, ppl = loops_and_ppl(cal[0], cal[1][policy], policy, t, K, unit)
+        if ppl <= target * full_cal and loops < best[1]:
+            best = (t, loops)
+    full = math.exp(sum(held[0][K - 1].double().flatten().tolist()) / held[0][K - 1].numel())
+    if best[0] is None:
+        return {"threshold": None, "mean_loops": float(K), "ppl": full, "ratio": 1.0}
+    loops, ppl = loops_and_ppl(held[0], held[1][policy], policy, best[0], K, unit)
+    return {"threshold": best[0], "mean_loops": loops, "ppl": ppl, "ratio": ppl / full}
+
+
+def hand_collect(model, batches, depth):
+    """Per exit depth, sequence and position: CE and each policy's score [D, S, T], from the
+    float64 model by hand."""
+    ce, scores = [], {p: [] for p in EXIT_POLICIES}
+    for x, y in batches:
+        logits = [hand_logits(model, h) for h in hand_states(model, x, depth)]
+        ce.append(torch.stack([token_ce(lg, y) for lg in logits]))
+        for p in EXIT_POLICIES:
+            scores[p].append(torch.stack([hand_scores(lg)[p] for lg in logits]))
+    return torch.cat(ce, dim=1), {p: torch.cat(s, dim=1) for p, s in scores.items()}
+
+
+def test_eval_json_per_depth_and_halting_recomputed(tiny_runs, data_dir):
+    """eval.json's per-depth section and both halting sections, recomputed:
+    per_depth ("val CE and PPL when exiting after loop k = 1..2K"), full_depth_ppl (loop K, the
+    trained depth, not the deepest exit) and n_tokens, in float64 token by token; halting (the
+    held-out protocol, per token and per sequence, every policy), halting_paper (per sequence,
+    calibrated and reported on the same windows), the sweep's thresholds (the calibration
+    batches' grid, for the policy and unit asked) and the depth map's threshold, by brute force
+    (halting_by_brute_force) on the per-token CEs and scores, which are first checked against
+    the float64 model by hand."""
+    from eval import collect, evaluate, split_batches, windows
+    ckpt = load_checkpoint(os.path.join(tiny_runs["scale_visible"], "ckpt.pt"))
+    model = model_from_checkpoint(ckpt, "cpu")
+    K, T = model.config.n_loops, model.config.block_size
+    val = load_data(data_dir, "tiny_char", T)[0]["val"]
+    batches = [get_batch(val, 4, T, eval_seed(i, "val")) for i in range(2)]
+    cal_b, held_b, held_data = split_batches(val, 2, 4, T, "cpu")
+    paper_b = windows(val, 8, 4, T, "cpu")
+    cfg = SimpleNamespace(max_depth=0, target=1.01, policy="max_prob", exit_unit="sequence",
+                          n_thresholds=11)
+    out = evaluate(model, batches, cal_b, held_b, paper_b, cfg, held_data)
+
+    ce, _ = hand_collect(model, batches, 2 * K)
+    mean_ce = [sum(c.flatten().tolist()) / c.numel() for c in ce]
+    assert out["per_depth"]["k"] == list(range(1, 2 * K + 1))
+    assert out["per_depth"]["ce"] == pytest.approx(mean_ce, rel=1e-5)
+    assert out["per_depth"]["ppl"] == pytest.approx([math.exp(c) for c in mean_ce], rel=1e-5)
+    assert out["full_depth_ppl"] == pytest.approx(math.exp(mean_ce[K - 1]), rel=1e-5)
+    assert out["n_tokens"] == 2 * 4 * T
+
+    sets = {}
+    for name, b in (("cal", cal_b), ("held", held_b), ("paper", paper_b)):
+        got = collect(model, b, K)
+        want = hand_collect(model, b, K)
+        torch.testing.assert_close(got[0].double(), want[0], rtol=1e-4, atol=1e-4)
+        for p in EXIT_POLICIES:
+            torch.testing.assert_close(got[1][p].double(), want[1][p], rtol=1e-4, atol=1e-4)
+        sets[name] = got
+    early = 0
+    for unit in ("token", "sequence"):
+        for p in EXIT_POLICIES:
+            want = halting_by_brute_force(sets["cal"], sets["held"], p, K, 1.01, 11, unit)
+            got = out["halting"][unit][p]
+            assert (got["threshold"] is None) == (want["threshold"] is None), (unit, p)
+            early += want["threshold"] is not None
+            assert got == pytest.approx(want, rel=1e-9), (unit, p)
+    assert early >= 3  # most policies found an early exit: the ratios say something
+    for p in EXIT_POLICIES:
+        want = halting_by_brute_force(sets["paper"], sets["paper"], p, K, 1.01, 11, "sequence")
+        assert out["halting_paper"][p] == pytest.approx(want | {"n_sequences": 8}, rel=1e-9), p
+    sweep = out["adaptive"]
+    grid = grid_loosest_first(sets["cal"][1]["max_prob"], "max_prob", K, 11, "sequence")
+    assert (sweep["policy"], sweep["exit_unit"]) == ("max_prob", "sequence")
+    assert sweep["threshold"] == pytest.approx(grid, rel=1e-12)
+    for t, loops, ppl in zip(sweep["threshold"], sweep["mean_loops"], sweep["ppl"]):
+        want = loops_and_ppl(*sets["held"][:1], sets["held"][1]["max_prob"], "max_prob", t, K,
+                             "sequence")
+        assert (loops, ppl) == pytest.approx(want, rel=1e-9)
+    assert out["depth_map"]["threshold"] == out["halting"]["sequence"]["max_prob"]["threshold"]
+
+
+def test_spread_and_lemma1_summaries_recomputed(tiny_runs, data_dir):
+    """eval.json's spread.last_loop (the mean, the sample standard deviation (n - 1) and the
+    minimum of per-token ||h_K|| over every token) by numpy from the float64 model; lemma1's
+    max and mean |cos(dCE/dh_K, h_K)| over tokens and its radial fraction (the mean at loops 1
+    and K), with the scale-visible readout's gradient in closed form, dCE/dh = W^T (softmax -
+    onehot), token by token."""
+    from eval import lemma1, spread
+    ckpt = load_checkpoint(os.path.join(tiny_runs["scale_visible"], "ckpt.pt"))
+    model = model_from_checkpoint(ckpt, "cpu")
+    K, T = model.config.n_loops, model.config.block_size
+    val = load_data(data_dir, "tiny_char", T)[0]["val"]
+    batches = [get_batch(val, 4, T, eval_seed(i, "val")) for i in range(2)]
+    states = [hand_states(model, x) for x, _ in batches]
+    norms = np.concatenate([hs[-1].pow(2).sum(-1).sqrt().flatten().numpy() for hs in states])
+    last = spread(model, batches)["last_loop"]
+    assert last["n_tokens"] == len(norms) == 2 * 4 * T
+    assert [last["mean"], last["std"], last["min"]] == pytest.approx(
+        [norms.mean(), norms.std(ddof=1), norms.min()], rel=1e-5)
+    w = model.lm_head.weight.detach().double()
+    cos = {}
+    for k in (1, K):
+        cos[k] = []
+        for (_, y), hs in zip(batches, states):
+            for h, target in zip(hs[k - 1].flatten(0, 1), y.flatten().tolist()):
+                g = torch.softmax(w @ h, dim=0)
+                g[target] -= 1
+                g = w.t() @ g
+                cos[k].append(abs(torch.dot(g, h).item()) / (g.norm() * h.norm()).item())
+    out = lemma1(model, batches)
+    assert out["n_tokens"] == len(cos[K])
+    assert out["max_abs_cos"] == pytest.approx(max(cos[K]), rel=1e-4)
+    assert out["mean_abs_cos"] == pytest.approx(sum(cos[K]) / len(cos[K]), rel=1e-4)
+    assert out["radial_fraction"]["loop"] == [1, K]
+    assert out["radial_fraction"]["mean_abs_cos"] == pytest.approx(
+        [sum(cos[1]) / len(cos[1]), sum(cos[K]) / len(cos[K])], rel=1e-4)
+
+
+# ---- sampling: --temperature and --top_k -----------------------------------------------------
+
+def tempered_top_k(logits, temperature, top_k):
+    """{token id: probability} of the distribution sampling draws from, from its definition in
+    float64: the logits divided by the temperature, only the top_k largest kept (0 or None:
+    all), softmax over those."""
+    row = [float(v) / temperature for v in logits]
+    kept = sorted(range(len(row)), key=lambda i: -row[i])[:top_k or len(row)]
+    top = max(row[i] for i in kept)
+    z = sum(math.exp(row[i] - top) for i in kept)
+    return {i: math.exp(row[i] - top) / z for i in kept}
+
+
+def draws(monkeypatch):
+    """torch.multinomial replaced by one that records each row's probabilities and draws the
+    entry `pick[0]` of every row: what sampling asks for, exactly."""
+    asked, pick = [], [0]
+
+    def multinomial(probs, num_samples, **kw):
+        assert num_samples == 1
+        asked.append(probs.detach().double().clone())
+        return torch.full((probs.size(0), 1), pick[0], dtype=torch.long)
+    monkeypatch.setattr(torch, "multinomial", multinomial)
+    return asked, pick
+
+
+def test_sample_next_draws_from_the_tempered_top_k_distribution(monkeypatch):
+    """sample_next, by intercepting torch.multinomial: every entry of the distribution it draws
+    from, mapped back to the token id it returns, equals the definition's probability of that
+    id (tempered_top_k): top-k keeps exactly the k most likely ids, the temperature divides the
+    logits; temperature 0 is the argmax and draws nothing."""
+    from sample import sample_next
+    asked, pick = draws(monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 11, generator=g) * 3
+    for temperature in (0.5, 1.0, 2.5):
+        for top_k in (None, 0, 1, 4, 11, 50):
+            want = [tempered_top_k(row.tolist(), temperature, top_k) for row in logits]
+            got = [{} for _ in want]
+            for j in range(len(want[0])):
+                asked.clear()
+                pick[0] = j
+                ids = sample_next(logits.clone(), temperature, top_k)
+                assert ids.shape == (3, 1) and len(asked) == 1
+                for r, i in enumerate(ids[:, 0].tolist()):
+                    got[r][i] = asked[0][r, j].item()
+            for r in range(3):
+                assert got[r].keys() == want[r].keys(), (temperature, top_k)
+                assert got[r] == pytest.approx(want[r], rel=1e-6, abs=1e-12)
+    asked.clear()
+    greedy = sample_next(logits.clone(), 0.0, 4)
+    assert greedy[:, 0].tolist() == [max(range(11), key=lambda i: row[i]) for row in
+                                     logits.tolist()] and asked == []
+
+
+def test_sample_next_frequencies_with_a_fixed_seed():
+    """40,000 draws of sample_next (a fixed seed) at temperature 0.7 and top_k 3: each of the 3
+    most likely ids appears with the definition's probability (within 5 standard errors), no
+    other id ever does."""
+    from sample import sample_next
+    torch.manual_seed(0)
+    row = [1.0, 2.5, -0.5, 2.0, 0.2, 2.2]
+    n = 40_000
+    ids = sample_next(torch.tensor([row] * n), 0.7, 3)[:, 0]
+    counts = torch.bincount(ids, minlength=6).tolist()
+    want = tempered_top_k(row, 0.7, 3)
+    assert set(want) == {1, 3, 5}
+    for i, c in enumerate(counts):
+        p = want.get(i, 0.0)
+        assert abs(c / n - p) <= 5 * math.sqrt(p * (1 - p) / n), (i, c / n, p)
+
+
+def test_sample_cli_passes_temperature_and_top_k_to_the_draw(tiny_runs, monkeypatch, capsys):
+    """python sample.py --temperature=0.5 --top_k=3: the first token is drawn from the
+    definition's distribution over the model's next-token logits after the prompt, computed
+    here with the float64 model by hand (tempered_top_k), and is the id drawn."""
+    import sample
+    asked, pick = draws(monkeypatch)
+    pick[0] = 1  # the second entry of the three
+    out = tiny_runs["rmsnorm"]
+    sample.main([f"--out_dir={out}", "--start=ROMEO:", "--temperature=0.5", "--top_k=3",
+                 "--max_new_tokens=1", "--num_samples=1", "--device=cpu"])
+    ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    model = model_from_checkpoint(ckpt, "cpu")
+    chars = ckpt["meta"]["chars"]
+    x = torch.tensor([[chars.index(c) for c in "ROMEO:"]])
+    logits = hand_logits(model, hand_states(model, x)[-1][0, -1])
+    want = tempered_top_k(logits.tolist(), 0.5, 3)
+    assert len(asked) == 1 and asked[0].shape == (1, 3)
+    assert sorted(asked[0][0].tolist()) == pytest.approx(sorted(want.values()), rel=1e-4)
+    text = capsys.readouterr().out
+    assert text.startswith("ROMEO:")
+    drawn = chars.index(text[len("ROMEO:")])
+    assert asked[0][0, 1].item() == pytest.approx(want[drawn], rel=1e-4)  # the id drawn
+
+
+# ---- claims.json, experiments.py's table, plot_norms.py: from run folders made by hand -------
+
+def logged_config(**changes):
+    """A run's config as train.py logs it (every option, the vocabulary, the processes and what
+    'auto' resolved to), with `changes`."""
+    import train
+    config = {k: spec[0] for k, spec in train.OPTIONS.items()}
+    config |= {"vocab_size": 65, "world_size": 1, "n_loops": 3, "max_iters": 500,
+               "resolved": {"device": "cpu", "dtype": "float32", "compile": False,
+                            "data_dir": "/data"}}
+    return config | changes
+
+
+def made_up(g, n, lo=1.0, hi=10.0):
+    """n made-up numbers in [lo, hi)."""
+    return (lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64)).tolist()
+
+
+def made_up_eval(g, K):
+    """An eval.json of made-up values with every section plot_norms.py and experiments.py read."""
+    ppl = made_up(g, 2 * K, 5, 20)
+
+    def entry(**extra):
+        return {"threshold": made_up(g, 1)[0], "mean_loops": made_up(g, 1, 1, K)[0],
+                "ppl": made_up(g, 1, 5, 20)[0], "ratio": made_up(g, 1, 1, 1.02)[0], **extra}
+    radial = {"loop": [1, K], "mean_abs_cos": made_up(g, 2, 1e-3, 1)}
+
+    def speed_batch():
+        return {"full": {"tokens_per_s": made_up(g, 1, 100, 200)[0], "mean_loops": float(K)},
+                "exit": {"tokens_per_s": made_up(g, 1, 100, 300)[0],
+                         "mean_loops": made_up(g, 1, 1, K)[0]}}
+    return {
+        "n_loops": K, "full_depth_ppl": ppl[K - 1],
+        "per_depth": {"k": list(range(1, 2 * K + 1)), "ce": [math.log(p) for p in ppl],
+                      "ppl": ppl},
+        "halting": {u: {p: entry() for p in EXIT_POLICIES} for u in ("token", "sequence")},
+        "halting_paper": {p: entry(n_sequences=8) for p in EXIT_POLICIES},
+        "adaptive": {"policy": "entropy", "exit_unit": "token", "threshold": made_up(g, 5),
+                     "mean_loops": made_up(g, 5, 1, K), "ppl": made_up(g, 5, 5, 20)},
+        "variable_depth": {"k": list(range(1, 3 * K + 1)), "ppl": made_up(g, 3 * K, 5, 20),
+                           "hidden_norm": made_up(g, 3 * K, 1, 100)},
+        "spread": {"hist_counts": [3, 0, 7, 2, 1], "hist_edges": sorted(made_up(g, 6, 1, 100))},
+        "scale": {"alpha": [0.1, 0.5, 1.0, 2.0, 10.0], "ce": made_up(g, 5, 1, 3)},
+        "lemma2": {"n_loops": 6, "s": made_up(g, 6), "radial_increment": made_up(g, 5),
+                   "angular_step": made_up(g, 5, 0, 1), "angular_step_x_s": made_up(g, 5)},
+        "frontier": {"k": list(range(1, K + 1)), "tokens_per_s": made_up(g, K, 100, 1000),
+                     "ppl": ppl[:K]},
+        "lemma1": {"max_abs_cos": made_up(g, 1, 0, 1e-7)[0],
+                   "mean_abs_cos": made_up(g, 1, 1e-3, 1)[0], "radial_fraction": radial},
+        "endpoint": {"ce_gap": math.log(ppl[0] / ppl[K - 1]), "radial_fraction": radial},
+        "speed": {"policy": "logit_margin", "threshold": 1.0, "new_tokens": 200,
+                  "ppl": {"full": made_up(g, 1, 5, 20)[0], "exit": made_up(g, 1, 5, 20)[0]},
+                  "batch": {"1": speed_batch(), "8": speed_batch()}},
+    }
+
+
+def write_run(folder, config, g, with_eval=True):
+    """A run folder: log.jsonl of three evaluations (made-up CEs and norms) and, with_eval,
+    eval.json. Returns (log entries, eval.json or None)."""
+    os.makedirs(folder)
+    K = config["n_loops"]
+    log = [{"iter": i, "lr": 1e-3, "train_loop_ce": made_up(g, K, 1, 3),
+            "val_loop_ce": made_up(g, K, 1, 3), "hidden_norm": made_up(g, K, 1, 5000),
+            "tokens_per_sec": 1.0, "elapsed": 1.0, "skipped_steps": 0, "config": config}
+           for i in (0, 250, 500)]
+    with open(os.path.join(folder, "log.jsonl"), "w") as f:
+        f.writelines(json.dumps(e) + "\n" for e in log)
+    ev = made_up_eval(g, K) if with_eval else None
+    if ev:
+        with open(os.path.join(folder, "eval.json"), "w") as f:
+            json.dump(ev, f)
+    return log, ev
+
+
+def over_seeds(values):
+    """The README's "mean, std, min, max, n over the seeds" (std: the sample std, n - 1), by
+    numpy."""
+    v = np.array(values, dtype=np.float64)
+    return {"mean": v.mean(), "std": v.std(ddof=1) if len(v) > 1 else 0.0, "min": v.min(),
+            "max": v.max(), "n": len(v)}
+
+
+def test_claims_json_recomputed_from_the_run_folders(tmp_path):
+    """claims.json, written by experiments.py --run=claims over two seed folders of three runs
+    each (rmsnorm, scale_visible, rmsnorm + penalty; logs and eval.json of made-up values),
+    against the same figures taken from the files here: per run, ||h_K|| (the last log entry's
+    loop K), PPL at exit depths 1..K only, calibrated halting (both protocols) and generation
+    speed, as "mean, std, min, max, n over the seeds"; claims 1-3's figures per seed and over
+    the seeds, and whether each held in both."""
+    from experiments import main
+    g = torch.Generator().manual_seed(3)
+    K = 3
+    kinds = {"rmsnorm": {}, "scale_visible": {"readout": "scale_visible"},
+             "penalty": {"norm_penalty": 0.01}}
+    made = {}
+    for seed in (1, 2):
+        for name, changes in kinds.items():
+            made[seed, name] = write_run(tmp_path / f"seed{seed}" / name,
+                                         logged_config(seed=seed, **changes), g)
+    main(["--run=claims", f"--out_dir={tmp_path}"])
+    out = json.loads((tmp_path / "claims.json").read_text())
+    rows = {r["run"]: r for r in out["runs"]}
+    assert set(rows) == set(kinds)
+    for name, row in rows.items():
+        logs = [made[s, name][0] for s in (1, 2)]
+        evs = [made[s, name][1] for s in (1, 2)]
+        assert row["seeds"] == 2
+        assert row["hidden_norm_K"] == pytest.approx(over_seeds([lg[-1]["hidden_norm"][K - 1]
+                                                                 for lg in logs]))
+        assert len(row["ppl_per_depth"]) == K
+        for k in range(K):
+            assert row["ppl_per_depth"][k] == pytest.approx(over_seeds(
+                [ev["per_depth"]["ppl"][k] for ev in evs]))
+        assert row["ppl"] == pytest.approx(over_seeds([ev["per_depth"]["ppl"][K - 1]
+                                                       for ev in evs]))
+        assert row["mean_loops"] == pytest.approx(over_seeds(
+            [ev["halting"]["token"]["logit_margin"]["mean_loops"] for ev in evs]))
+        for p in EXIT_POLICIES:
+            for what in ("mean_loops", "ratio"):
+                for unit in ("token", "sequence"):
+                    assert row["halting"][unit][p][what] == pytest.approx(over_seeds(
+                        [ev["halting"][unit][p][what] for ev in evs]))
+                assert row["halting_paper"][p][what] == pytest.approx(over_seeds(
+                    [ev["halting_paper"][p][what] for ev in evs]))
+        for b in ("1", "8"):
+            speed = row["speed"]["batch"][b]
+            runs = [ev["speed"]["batch"][b] for ev in evs]
+            for kind in ("full", "exit"):
+                for what in ("tokens_per_s", "mean_loops"):
+                    assert speed[f"{kind}_{what}"] == pytest.approx(over_seeds(
+                        [r[kind][what] for r in runs]))
+            assert speed["speed_up"] == pytest.approx(over_seeds(
+                [r["exit"]["tokens_per_s"] / r["full"]["tokens_per_s"] for r in runs]))
+    claims = out["claims"]
+    ratio, gain = {}, {}
+    for name in ("scale_visible", "penalty"):
+        ratio[name], gain[name] = [], []
+        for s in (1, 2):
+            (base_log, base_ev), (log, ev) = made[s, "rmsnorm"], made[s, name]
+            ratio[name].append(base_log[-1]["hidden_norm"][K - 1] / log[-1]["hidden_norm"][K - 1])
+            gain[name].append(min(b - p for p, b in zip(ev["per_depth"]["ppl"][1:K],
+                                                        base_ev["per_depth"]["ppl"][1:K])))
+    lemma = {"rmsnorm max |cos|": [made[s, "rmsnorm"][1]["lemma1"]["max_abs_cos"] for s in (1, 2)],
+             "scale_visible mean |cos|": [made[s, "scale_visible"][1]["lemma1"]["mean_abs_cos"]
+                                          for s in (1, 2)]}
+    for i, values, holds in ((0, ratio, lambda v: v >= 10), (1, gain, lambda v: v > 0),
+                             (2, lemma, None)):
+        assert claims[i]["figures"].keys() == values.keys()
+        for name, v in values.items():
+            assert claims[i]["figures"][name] == pytest.approx(over_seeds(v)), (i, name)
+        for s in (1, 2):
+            if holds:
+                held = all(holds(v[s - 1]) for v in values.values())
+                assert claims[i]["per_seed"][f"seed{s}"]["held"] == held, (i, s)
+    assert claims[2]["held"] and claims[2]["held_in"] == "2/2"  # max < 1e-7, mean > 1e-3
+    assert not claims[3]["held"] and claims[3]["held_in"] == "0/2"  # no loop-norm run
+
+
+def test_table1_rows_recomputed_from_the_runs_logs(tmp_path, monkeypatch):
+    """experiments.py --run=table1's rows, with train.py replaced by one that writes a finished
+    run's log of made-up values: per condition, ||h_K|| (the last evaluation's loop K) and the
+    final PPL (exp of its val CE at loop K, the trained depth) as mean and sample std over the
+    seeds, recomputed from the logs by numpy."""
+    import experiments
+    import train
+    g = torch.Generator().manual_seed(5)
+    logs = {}
+
+    def fake_train(args):
+        flags = dict(a[2:].split("=", 1) for a in args if a.startswith("--"))
+        config = logged_config(supervision=flags["supervision"], readout=flags["readout"],
+                               norm_penalty=float(flags["norm_penalty"]),
+                               seed=int(flags["seed"]))
+        logs[flags["out_dir"]] = write_run(flags["out_dir"], config, g, with_eval=False)[0]
+        open(os.path.join(flags["out_dir"], "ckpt.pt"), "w").close()
+    monkeypatch.setattr(train, "main", fake_train)
+    rows = experiments.main(["--run=table1", f"--out_dir={tmp_path}", "--seeds=3",
+                             "--preset="])
+    assert len(rows) == len(experiments.CONDITIONS) == 7
+    for row, (supervision, readout, penalty) in zip(rows, experiments.CONDITIONS):
+        runs = [logs[str(tmp_path / f"{supervision}_{readout}_pen{penalty:g}_seed{s}")]
+                for s in (1, 2, 3)]
+        norms = [log[-1]["hidden_norm"][-1] for log in runs]
+        ppls = [math.exp(log[-1]["val_loop_ce"][-1]) for log in runs]
+        for key, values in (("hidden_norm_K", norms), ("ppl", ppls)):
+            want = over_seeds(values)
+            assert row[key] == pytest.approx(want), (supervision, readout, penalty, key)
+        assert row["seeds"] == 3
+
+
+def test_plotted_data_and_table_recomputed_from_the_files(tmp_path, monkeypatch):
+    """plot_norms.py's figure, read back from matplotlib's axes (the lines' x and y, the
+    histogram's bins), panel by panel against the values in each run's log.jsonl and eval.json:
+    ||h_K|| over training (loop K of every evaluation), ||h_k|| per loop at the end (and
+    variable depth's ||h_K'||, dotted), the spread histogram, PPL per exit depth (eval.json's, or
+    exp of the log's val CE without it; variable depth's PPL dotted), the adaptive sweep and its
+    calibrated star (the sweep's own policy and unit), PPL of alpha * h_K (exp of the CE),
+    Lemma 2's a_k and du_k x s_k at k = 1..n-1, and the frontier; and the printed table's rows
+    (||h_K||, PPL at K, mean loops of the --policy and --exit_unit asked, PPL at 1..K)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    import plot_norms
+    g = torch.Generator().manual_seed(7)
+    K = 3
+    a_log, ev = write_run(tmp_path / "a", logged_config(), g)
+    b_log, _ = write_run(tmp_path / "b", logged_config(readout="scale_visible"), g,
+                         with_eval=False)
+    figures = []
+    subplots = plt.subplots
+
+    def kept(*args, **kw):
+        fig, ax = subplots(*args, **kw)
+        figures.append((fig, ax))
+        return fig, ax
+    monkeypatch.setattr(plt, "subplots", kept)
+    # the data is read from the axes: drawing the PNG would only cost time
+    monkeypatch.setattr(Figure, "savefig", lambda self, *args, **kw: None)
+    monkeypatch.setattr(Figure, "tight_layout", lambda self, *args, **kw: None)
+    rows = plot_norms.main([str(tmp_path / "a"), str(tmp_path / "b"), "--policy=max_prob",
+                            "--exit_unit=sequence", f"--out={tmp_path / 'fig.png'}"])
+    (_, ax), = figures
+
+    def lines(i, j):
+        return [(list(line.get_xdata()), list(line.get_ydata())) for line in ax[i, j].get_lines()]
+
+    def ppl_of(ce):
+        return [math.exp(c) for c in ce]
+    vd, ad, lem, fr = ev["variable_depth"], ev["adaptive"], ev["lemma2"], ev["frontier"]
+    star = ev["halting"][ad["exit_unit"]][ad["policy"]]
+    expected = {
+        (0, 0): [([e["iter"] for e in log], [e["hidden_norm"][K - 1] for e in log])
+                 for log in (a_log, b_log)],
+        (0, 1): [([1, 2, 3], a_log[-1]["hidden_norm"]), (vd["k"], vd["hidden_norm"]),
+                 ([1, 2, 3], b_log[-1]["hidden_norm"])],
+        (1, 0): [(ev["per_depth"]["k"], ev["per_depth"]["ppl"]), (vd["k"], vd["ppl"]),
+                 ([1, 2, 3], ppl_of(b_log[-1]["val_loop_ce"]))],
+        (1, 1): [(ad["mean_loops"], ad["ppl"]), ([star["mean_loops"]], [star["ppl"]])],
+        (1, 2): [(ev["scale"]["alpha"], ppl_of(ev["scale"]["ce"]))],
+        (2, 0): [([1, 2, 3, 4, 5], lem["radial_increment"])],
+        (2, 1): [([1, 2, 3, 4, 5], lem["angular_step_x_s"])],
+        (2, 2): [(fr["tokens_per_s"], fr["ppl"])],
+    }
+    for (i, j), want in expected.items():
+        got = lines(i, j)
+        assert len(got) == len(want), (i, j)
+        for (gx, gy), (wx, wy) in zip(got, want):
+            assert gx == pytest.approx(wx, rel=1e-12) and gy == pytest.approx(wy, rel=1e-12), (
+                i, j)
+    (stairs,) = ax[0, 2].patches
+    values, edges, _ = stairs.get_data()
+    assert list(values) == ev["spread"]["hist_counts"]
+    assert list(edges) == pytest.approx(ev["spread"]["hist_edges"], rel=1e-12)
+    assert rows[0]["run"] == "a"
+    assert rows[0]["hidden_norm_K"] == a_log[-1]["hidden_norm"][-1]
+    assert rows[0]["ppl"] == ev["per_depth"]["ppl"][K - 1]
+    assert rows[0]["ppl_per_depth"] == ev["per_depth"]["ppl"][:K]
+    assert rows[0]["mean_loops"] == ev["halting"]["sequence"]["max_prob"]["mean_loops"]
+    ppl_b = ppl_of(b_log[-1]["val_loop_ce"])
+    assert rows[1]["hidden_norm_K"] == b_log[-1]["hidden_norm"][-1]
+    assert rows[1]["ppl"] == pytest.approx(ppl_b[-1]) and math.isnan(rows[1]["mean_loops"])
+    assert rows[1]["ppl_per_depth"] == pytest.approx(ppl_b)
+
+
+# ---- the device clock and bench.py's figures that are not timings ----------------------------
+
+def test_synchronize_waits_for_every_name_of_a_gpu(monkeypatch):
+    """device.synchronize, which every clock read on a GPU follows: CUDA is synchronized for the
+    device however it is named ("cuda", "cuda:0", "cuda:3", a torch.device), MPS for "mps", and
+    nothing for the CPU or meta. torch's synchronize functions are replaced by recorders, so this
+    runs without a GPU."""
+    from device import synchronize
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(
+        ("cuda", str(device))))
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: calls.append(("mps", None)))
+    for name, want in (("cuda", [("cuda", "cuda")]), ("cuda:0", [("cuda", "cuda:0")]),
+                       ("cuda:3", [("cuda", "cuda:3")]),
+                       (torch.device("cuda", 1), [("cuda", "cuda:1")]),
+                       ("mps", [("mps", None)]), (torch.device("mps"), [("mps", None)]),
+                       ("cpu", []), (torch.device("cpu"), []), ("meta", [])):
+        calls.clear()
+        synchronize(name)
+        assert calls == want, name
+
+
+class MatmulFlops(TorchDispatchMode):
+    """Counts the FLOPs of every matrix product run inside it, 2 m k n each (a multiply and an
+    add per term): mm, addmm, bmm and baddbmm, whatever called them."""
+
+    PRODUCTS = {"mm": (0, 1), "addmm": (1, 2), "bmm": (0, 1), "baddbmm": (1, 2)}
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        which = self.PRODUCTS.get(func.overloadpacket.__name__)
+        if which:
+            a, b = args[which[0]], args[which[1]]
+            self.flops += 2 * a.numel() * b.shape[-1]
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("supervision", ["per_loop", "terminal"])
+def test_flops_per_token_equals_the_matmuls_a_step_runs(supervision):
+    """model.flops_per_token (bench.py's model FLOPs, MFU and FLOP/s ratios) against the FLOPs
+    of the matrix products one training step runs, forward and backward, counted as they run
+    (MatmulFlops; attention on SDPA's math path so that its products are matmuls; the plain CE,
+    three matmuls an exit), per token: equal, once the norm gains are added at the convention's
+    6 FLOPs per weight use (they are no matmul: 2 RMSNorms a layer, n_layer layers, K loops)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from model import LoopedGPTConfig
+    torch.manual_seed(0)
+    cfg = LoopedGPTConfig(vocab_size=37, block_size=16, n_layer=2, n_head=2, n_embd=16,
+                          n_loops=3, supervision=supervision, readout_ce="plain")
+    model = LoopedGPT(cfg).train()
+    x, y = torch.randint(37, (2, 2, 16))
+    counter = MatmulFlops()
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        _, loss, _ = model(x, y, return_logits=False)
+        loss.backward()
+    gains = 2 * cfg.n_layer * cfg.n_embd
+    assert model.flops_per_token() == counter.flops / x.numel() + 6 * gains * cfg.n_loops
+
+
+def test_bench_report_arithmetic_by_hand(capsys):
+    """bench.report's figures from made-up step results, by hand: model FLOP/s = FLOPs per
+    token x tokens/s, MFU = that / the peak, each case against nanogpt's model FLOP/s, and the
+    ratios of step time and of peak memory, each the first case named over the second."""
+    import bench
+    cases = {"terminal": (0.30, 1000.0, 3.0e6, 5e8), "dense": (0.36, 800.0, 4.0e6, 6e8),
+             "official": (0.50, 600.0, 4.0e6, 9e8), "flat": (0.25, 1200.0, 2.5e6, 4e8),
+             "nanogpt": (0.20, 1500.0, 2.0e6, 3e8)}
+    results = [{"case": c, "step_s": s, "tokens_per_sec": tps, "flops_per_token": f,
+                "peak_mem_bytes": m} for c, (s, tps, f, m) in cases.items()]
+    peak = 1e11
+    ratios = bench.report(results, "gpt2", peak, {"terminal": [0.3, 0.4], "flat": [0.25, 0.5]})
+    by = {r["case"]: r for r in results}
+    for c, (s, tps, f, m) in cases.items():
+        assert by[c]["model_flops_per_sec"] == pytest.approx(f * tps, rel=1e-12)
+        assert by[c]["mfu"] == pytest.approx(f * tps / peak, rel=1e-12)
+        assert by[c]["vs_nanogpt"] == pytest.approx(f * tps / (2.0e6 * 1500.0), rel=1e-12)
+    assert ratios == pytest.approx({
+        "terminal step time / flat step time": 0.30 / 0.25,
+        "terminal step time / flat step time, by round": [0.3 / 0.25, 0.4 / 0.5],
+        "dense step time / official step time": 0.36 / 0.50,
+        "dense peak memory / official peak memory": 6e8 / 9e8,
+        "dense peak memory / terminal peak memory": 6e8 / 5e8,
+        "terminal model FLOP/s / nanogpt model FLOP/s": 3.0e9 / 3.0e9,
+        "dense model FLOP/s / nanogpt model FLOP/s": 3.2e9 / 3.0e9}, rel=1e-12)
+
+
+def test_bench_cpu_peak_and_step_figures_from_a_known_clock(monkeypatch):
+    """The CPU's matmul peak is 2 n^3 FLOPs (a multiply and an add per term) over the fastest
+    of its products; a case's step time is its fastest timed step (the warm-up untimed), its
+    tokens/s batch x sequence over that step, with a clock that only each step's forward pass
+    moves, by a known time."""
+    import bench
+    times = iter([0.5, 0.125, 0.25])
+    monkeypatch.setattr(bench, "_timed", lambda fn, device="cpu": next(times))
+    assert bench.cpu_matmul_peak(n=8, reps=3) == 2 * 8 ** 3 / 0.125
+    cfg, _ = bench.parse("bench.py", bench.OPTIONS, [
+        "--block_size=16", "--batch_size=2", "--n_loops=2", "--steps=3", "--warmup=1",
+        "--gen_tokens=0", "--vocab=char"])
+    clock, steps = [0.0], iter([9.0, 0.5, 0.25, 0.75])  # the warm-up, then 3 timed steps
+    forward = LoopedGPT.forward
+
+    def step(self, *args, **kw):
+        clock[0] += next(steps)
+        return forward(self, *args, **kw)
+    monkeypatch.setattr(LoopedGPT, "forward", step)
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    r = bench.run_case(cfg, "dense", "char", "cpu", "float32")
+    assert r["step_s_all"] == [0.5, 0.25, 0.75] and r["step_s"] == 0.25
+    assert r["tokens_per_sec"] == 2 * 16 / 0.25
+
+
+def test_eval_speed_and_frontier_read_the_clock_after_a_synchronize(tiny_runs, monkeypatch):
+    """eval.py --run=speed's two clocks (generation tokens/s, the frontier): every clock read
+    comes right after a synchronize of the model's device, so that on a GPU the time read is
+    the work's, not its launch's."""
+    import eval as eval_script
+    import sample
+    events = []
+    monkeypatch.setattr(eval_script, "synchronize", lambda device: events.append(
+        ("sync", str(device))))
+    clock = [0.0]
+
+    def perf_counter():
+        clock[0] += 1.0
+        events.append(("clock",))
+        return clock[0]
+    monkeypatch.setattr(eval_script, "time", SimpleNamespace(perf_counter=perf_counter))
+    monkeypatch.setattr(sample, "generate", lambda model, idx, n, **kw: (
+        idx, torch.ones(idx.size(0), n)))
+    model = model_from_checkpoint(load_checkpoint(
+        os.path.join(tiny_runs["rmsnorm"], "ckpt.pt")), "cpu")
+    cfg = SimpleNamespace(policy="logit_margin", new_tokens=4, rounds=2)
+    eval_script.speed(model, np.arange(400), {"threshold": 1.0, "ppl": 10.0, "ratio": 1.0}, cfg)
+    eval_script.frontier(model, torch.zeros(2, 8, dtype=torch.long), [5.0] * 6, rounds=2)
+    clocks = [i for i, e in enumerate(events) if e == ("clock",)]
+    # a start and an end per timed round, a start only in the untimed warm-up round
+    assert len(clocks) == 2 * 2 * (1 + 2 * 2) + model.config.n_loops * (1 + 2 * 2)
+    assert all(events[i - 1] == ("sync", "cpu") for i in clocks), events
