@@ -4,6 +4,7 @@ Measure training and generation speed and memory of the looped model, all in one
   python bench.py                                        # CPU: both vocabularies (~6 min)
   python bench.py --preset=config/paper_44m.py --vocab=gpt2 --compile=True   # a GPU
   python bench.py --ce_sweep=True --vocab=gpt2        # one exit's CE: plain vs each chunk count
+  python bench.py --generation=True                   # generation: full depth vs early exit
 
 Sizes come from the --preset file, by default the CPU demo config/cpu.py (n_layer 2, n_head 4,
 n_embd 128, batch 8; '' = train.py's own defaults, the paper's 44M model), with the bench's own
@@ -31,13 +32,25 @@ a fresh subprocess; on Linux its peak RSS (VmHWM, reset just before the first st
 the rise of getrusage's peak RSS. MPS has no peak counter: not measured.
 MFU is against this CPU's measured fp32 matmul throughput, or the GPU's dense bf16 peak
 (device.peak_tflops, by the GPU's exact model; --peak_tflops for one not listed).
+
+--generation=True times sample.generate instead (see bench_early_exit): the preset's model
+(its K and block size; 69 characters), random weights or --gen_ckpt's, one CPU thread, prompts
+of 32 random tokens and --gen_tokens new ones, at each --gen_batches size: full depth against
+adaptive exit (logit_margin, its threshold calibrated to a mean of --gen_loops loops), the
+variants alternating round by round over --rounds rounds after a warm-up. It prints tokens/s,
+mean loops, the speed-up over full depth (the median of the rounds' paired ratios), the ideal
+speed-up K / mean loops and their ratio; with --compile=True also the compiled graphs, their
+compile time and the tokens after which compiling pays; with --gen_ragged_sweep=True how a
+ragged batch compares with a dense one by batch size and mean loops.
 """
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
+from dataclasses import fields
 
 import torch
 import torch.nn as nn
@@ -47,7 +60,7 @@ from configurator import DEVICE, at_least, check, device_or_exit, error, one_of,
 from configurator import read_preset
 from device import autocast, keep_freed_memory, peak_tflops, pick_dtype, synchronize
 from model import LoopedGPT, LoopedGPTConfig, ReadoutCE, chunk_rows, matmul_dtype
-from rundir import writable_parent
+from rundir import load_checkpoint, model_from_checkpoint, writable_parent
 from sample import generate
 from train import OPTIONS as TRAIN_OPTIONS
 
@@ -88,8 +101,8 @@ OPTIONS = {
     "rounds": (2, "rounds over all cases; each case keeps its best round", at_least(1)),
     "warmup": (1, "untimed steps per case first", at_least(0)),
     "cases": (",".join(CASES), "training cases to run", subset(CASES)),
-    "gen_tokens": (128, "tokens generated in the generation benchmark (0 skips it)",
-                   at_least(0)),
+    "gen_tokens": (128, "tokens generated in the generation benchmarks (0 skips the one after "
+                        "the training steps)", at_least(0)),
     "device": ("auto", "auto: cuda, then mps, then cpu", DEVICE),
     "dtype": ("auto", "auto: bfloat16 on GPUs that have it, float16 (with a grad scaler) on "
                       "older GPUs, float32 on CPU and MPS, as train.py",
@@ -109,6 +122,23 @@ OPTIONS = {
     "ce_sweep": (False, "instead of timing steps: time one exit's readout CE (forward + "
                         "backward) at the preset's batch, plain autograd against ReadoutCE at "
                         "1, 2, 4, ... chunks, with each one's peak memory", None),
+    "generation": (False, "instead of timing steps: time generation, full depth against "
+                          "early exit, and the ideal speed-up K / mean loops (see above)", None),
+    "gen_batches": ("1,8", "--generation: batch sizes",
+                    check("comma-separated integers >= 1", lambda v: all(
+                        b.isdigit() and int(b) >= 1 for b in v.split(",")), ["", "0", "a"])),
+    "gen_loops": (5.0, "--generation: early exit's mean loops, which its threshold is calibrated "
+                       "to (the CPU demo's scale-controlled runs halt after 4.9-5.4 of 6)",
+                  at_least(1.0)),
+    "gen_ckpt": ("", "--generation: a ckpt.pt to generate from (default: random weights)",
+                 check("'' or an existing file", lambda v: v == "" or os.path.isfile(v),
+                       ["/no/such/ckpt.pt"])),
+    "gen_ragged_sweep": (False, "--generation: also time a ragged batch against a dense one by "
+                                "batch size (1-16) and mean loops (5.5-2)", None),
+    "gen_clock": ("auto", "--generation: time by the wall clock, or by the CPU time of this "
+                          "thread (auto: CPU time on a CPU, where other work on a shared machine "
+                          "would stretch the wall clock; wall on a GPU)",
+                  one_of("auto", "wall", "cpu")),
     "one_case": ("", "internal: run one case (case@vocab) and print its result as JSON",
                  check("'' or case@vocab", lambda v: v == "" or (
                      v.count("@") == 1 and v.split("@")[0] in CASES
@@ -117,7 +147,8 @@ OPTIONS = {
 
 
 def together(cfg, explicit):
-    modes = [m for m in ("profile", "compile_probe", "ce_sweep") if getattr(cfg, m)]
+    modes = [m for m in ("profile", "compile_probe", "ce_sweep", "generation")
+             if getattr(cfg, m)]
     if len(modes) > 1:
         return f"--{modes[0]} and --{modes[1]} are two different runs: choose one"
     if not modes and cfg.gen_tokens >= cfg.block_size:  # generation runs with timed steps only
@@ -179,11 +210,17 @@ class PlainGPT(nn.Module):
 
 # ---- the model of each case ----------------------------------------------------------------
 
-def sizes(cfg):
-    """n_layer, n_head, n_embd, batch_size from the preset, or train.py's defaults."""
+def preset_values(cfg):
+    """train.py's options as the preset sets them (train.py's defaults where it does not)."""
     values = {k: spec[0] for k, spec in TRAIN_OPTIONS.items()}
     if cfg.preset:
         values.update(read_preset(preset_path(cfg.preset), TRAIN_OPTIONS))
+    return values
+
+
+def sizes(cfg):
+    """n_layer, n_head, n_embd, batch_size from the preset, or train.py's defaults."""
+    values = preset_values(cfg)
     return values["n_layer"], values["n_head"], values["n_embd"], values["batch_size"]
 
 
@@ -515,6 +552,194 @@ def bench_generation(cfg, vocab, device):
     return out
 
 
+# ---- generation: full depth against early exit, and the ideal speed-up ----------------------
+
+GEN_PROMPT = 32  # prompt tokens, as eval.py --run=speed
+SWEEP_BATCHES = (1, 2, 4, 8, 16)
+SWEEP_LOOPS = (5.5, 5.0, 4.0, 3.0, 2.0)
+
+
+def generation_model(cfg, explicit, device):
+    """(the model generation is timed on, where it comes from): --gen_ckpt's, else the preset's
+    knobs with its K and block size (unless given on the command line), 69 characters and
+    random weights (speed does not depend on what they say)."""
+    if cfg.gen_ckpt:
+        return model_from_checkpoint(load_checkpoint(cfg.gen_ckpt), device), cfg.gen_ckpt
+    values = preset_values(cfg)
+    for name in ("n_loops", "block_size"):
+        if name in explicit:
+            values[name] = getattr(cfg, name)
+    knobs = {f.name: values[f.name] for f in fields(LoopedGPTConfig) if f.name in values}
+    torch.manual_seed(0)
+    model = LoopedGPT(LoopedGPTConfig(**{**knobs, "vocab_size": VOCABS["char"]}))
+    return model.eval().to(device), "random weights"
+
+
+def exit_kwargs(threshold, **more):
+    return {"exit_policy": "logit_margin", "exit_threshold": threshold, **more}
+
+
+def calibrate_exit(model, prompts, target, tokens=64):
+    """The logit_margin threshold at which `tokens` generated after `prompts` use `target` loops
+    per token on average (the nearest of a bisection: fewer tokens pass a higher threshold)."""
+    def mean_loops(t):
+        torch.manual_seed(0)
+        return generate(model, prompts, tokens, **exit_kwargs(t))[1].float().mean().item()
+    lo, hi = 0.0, 1.0
+    while mean_loops(hi) < target and hi < 2 ** 20:
+        lo, hi = hi, 2 * hi
+    best = hi
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        m = mean_loops(mid)
+        if abs(m - target) < abs(mean_loops(best) - target):
+            best = mid
+        lo, hi = (mid, hi) if m < target else (lo, mid)
+    return best
+
+
+def time_generation(model, prompts, tokens, variants, rounds, device, clock="wall"):
+    """Each variant's seconds and mean loops per round, and its first run's seconds (round 0,
+    by the wall clock, untimed otherwise: it warms up a GPU's kernels and builds compiled
+    graphs). Every round runs each variant in turn, with the round's seed, so slow drifts and
+    other work on the machine touch them alike. clock: "wall", or "cpu", this thread's CPU time
+    (one CPU thread)."""
+    times = {name: [] for name in variants}
+    first = {}
+    loops = {}
+    for r in range(rounds + 1):
+        for name, kw in variants.items():
+            torch.manual_seed(r)  # the same samples for every variant of a round
+            out = []
+
+            def run():
+                out.append(generate(model, prompts, tokens, **kw))
+            if clock == "cpu" and r:
+                start = time.thread_time()
+                run()
+                seconds = time.thread_time() - start
+            else:  # the first run by the wall clock: compiling runs in other processes too
+                seconds = _timed(run, device)
+            if r:
+                times[name].append(seconds)
+                loops.setdefault(name, []).append(out[0][1].float().mean().item())
+            else:
+                first[name] = seconds
+    return times, first, loops
+
+
+def paired(times, ref, name):
+    """The median over rounds of ref's time / name's time: name's speed-up over ref."""
+    return statistics.median(a / b for a, b in zip(times[ref], times[name]))
+
+
+def early_exit_row(times, loops, ref, name, K, tokens):
+    """A variant's tokens/s (median round), mean loops (over the rounds), speed-up over ref,
+    the ideal K / mean loops, and the speed-up's share of the ideal: the median over rounds of
+    each round's share, since the loops a round uses vary with its samples (a round that falls
+    into repeating one character exits early throughout)."""
+    mean_loops = statistics.mean(loops[name])
+    shares = [a / b / (K / m) for a, b, m in zip(times[ref], times[name], loops[name])]
+    return {"tokens_per_s": tokens / statistics.median(times[name]), "mean_loops": mean_loops,
+            "speed_up": paired(times, ref, name), "ideal": K / mean_loops,
+            "of_ideal": statistics.median(shares)}
+
+
+def bench_early_exit(cfg, explicit, device):
+    """Generation tokens/s at full depth against early exit (and compiled, with --compile), at
+    each batch size, with the mean loops, the speed-up over full depth and the ideal K / mean
+    loops. One CPU thread, as the issue measures (a team of threads waits for its slowest at
+    each of the thousands of tiny ops)."""
+    on_cpu = device.startswith("cpu")
+    if on_cpu:
+        torch.set_num_threads(1)
+    clock = cfg.gen_clock if cfg.gen_clock != "auto" else "cpu" if on_cpu else "wall"
+    model, source = generation_model(cfg, explicit, device)
+    K, V = model.config.n_loops, model.config.vocab_size
+    batches = [int(b) for b in cfg.gen_batches.split(",")]
+    torch.manual_seed(0)
+    prompts = torch.randint(V, (max(batches + [8]), GEN_PROMPT), device=device)
+    threshold = calibrate_exit(model, prompts[:8], cfg.gen_loops, min(64, cfg.gen_tokens))
+    c = model.config
+    print(f"generation: n_layer {c.n_layer}, n_head {c.n_head}, n_embd {c.n_embd}, K {K}, "
+          f"block {c.block_size}, vocab {V}, readout {c.readout}, {source}; {device}"
+          f"{' (threads=1)' if on_cpu else ''}; {GEN_PROMPT}-token prompts, "
+          f"{cfg.gen_tokens} new tokens, {cfg.rounds} rounds; {clock} clock")
+    print(f"early exit: logit_margin >= {threshold:.4g} (calibrated to {cfg.gen_loops} mean "
+          f"loops at batch 8)")
+    variants = {"full": {}, "exit": exit_kwargs(threshold)}
+    if cfg.compile:
+        variants.update({"full compiled": {"compile": True},
+                         "exit compiled": exit_kwargs(threshold, compile=True)})
+    out = {"source": source, "K": K, "threshold": threshold, "tokens": cfg.gen_tokens,
+           "clock": clock, "batch": {}}
+    print(f"{'batch':>5} {'variant':<14} {'tok/s':>8} {'loops':>6} {'speed-up':>9} "
+          f"{'ideal':>6} {'of ideal':>9}   (medians over rounds; loops: their mean)")
+    for b in batches:
+        times, first, loops = time_generation(model, prompts[:b], cfg.gen_tokens, variants,
+                                              cfg.rounds, device, clock)
+        rows = {}
+        for name in variants:
+            ref = "full compiled" if name.endswith("compiled") else "full"
+            r = early_exit_row(times, loops, ref, name, K, b * cfg.gen_tokens)
+            rows[name] = r
+            print(f"{b:>5} {name:<14} {r['tokens_per_s']:>8,.0f} {r['mean_loops']:>6.2f} "
+                  f"{r['speed_up']:>8.3f}x {r['ideal']:>5.3f}x {r['of_ideal']:>9.3f}")
+        if cfg.compile:
+            rows["compile"] = compile_cost(times, first, cfg.gen_tokens)
+        out["batch"][str(b)] = rows
+    if cfg.compile:
+        for b, rows in out["batch"].items():
+            cost = rows["compile"]
+            pays = "never" if cost["pays_after_tokens"] is None else \
+                f"after {cost['pays_after_tokens']:,.0f} tokens"
+            print(f"compile, batch {b}: {cost['compile_s']:.1f} s for its first "
+                  f"{cfg.gen_tokens} tokens (both depths), compiled/eager speed "
+                  f"{cost['full_speed']:.2f}x full depth, {cost['exit_speed']:.2f}x early exit: "
+                  f"pays {pays}")
+    if cfg.gen_ragged_sweep:
+        out["ragged_sweep"] = ragged_sweep(model, prompts, cfg, device, clock)
+    return {"generation": out}
+
+
+def compile_cost(times, first, tokens):
+    """The seconds compiling took (the first compiled runs, by the wall clock, beyond their
+    steady time), the compiled graphs' speed over eager, and the tokens after which compiling
+    pays."""
+    compile_s = sum(first[n] - statistics.median(times[n])
+                    for n in ("full compiled", "exit compiled"))
+    saved = statistics.median(times["full"]) - statistics.median(times["full compiled"])
+    return {"compile_s": compile_s,
+            "full_speed": paired(times, "full", "full compiled"),
+            "exit_speed": paired(times, "exit", "exit compiled"),
+            "pays_after_tokens": compile_s / saved * tokens if saved > 0 else None}
+
+
+def ragged_sweep(model, prompts, cfg, device, clock):
+    """A ragged batch's speed over a dense one's (> 1: ragged pays), by batch size and by the
+    mean loops the threshold gives (the fewer, the more rows leave the batch early)."""
+    print("\nragged / dense early-exit speed, by mean loops (rows) and batch size (columns)")
+    print(f"{'loops':>6} " + " ".join(f"{b:>7}" for b in SWEEP_BATCHES))
+    big = torch.randint(model.config.vocab_size, (max(SWEEP_BATCHES), GEN_PROMPT),
+                        generator=torch.Generator().manual_seed(1)).to(device)
+    table = {}
+    for target in SWEEP_LOOPS:
+        if target >= model.config.n_loops:
+            continue
+        threshold = calibrate_exit(model, prompts[:8], target, min(64, cfg.gen_tokens))
+        row = {}
+        for b in SWEEP_BATCHES:
+            variants = {"dense": exit_kwargs(threshold, ragged=False),
+                        "ragged": exit_kwargs(threshold, ragged=True)}
+            times, _, loops = time_generation(model, big[:b], cfg.gen_tokens, variants,
+                                              cfg.rounds, device, clock)
+            row[str(b)] = {"ragged_speed": paired(times, "dense", "ragged"),
+                           "mean_loops": statistics.mean(loops["ragged"])}
+        table[str(target)] = row
+        print(f"{target:>6} " + " ".join(f"{r['ragged_speed']:>6.2f}x" for r in row.values()))
+    return table
+
+
 # ---- the report -----------------------------------------------------------------------------
 
 def mib(n_bytes):
@@ -693,7 +918,7 @@ def _sample_loops(path):
 
 
 def main(argv=None):
-    cfg, _ = parse("bench.py", OPTIONS, argv, __doc__, together=together)
+    cfg, explicit = parse("bench.py", OPTIONS, argv, __doc__, together=together)
     device = device_or_exit(cfg.device)
     keep_freed_memory()
     dtype = pick_dtype(device, cfg.dtype)
@@ -704,6 +929,8 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     if cfg.json:  # checked before minutes of work, not after
         writable_parent(cfg.json, "--json")
+    if cfg.generation:  # sample.generate, not training steps
+        return write_json(cfg, bench_early_exit(cfg, explicit, device))
     if cfg.compile_probe or cfg.ce_sweep:  # each vocabulary in turn; no training steps timed
         measure = compile_probe if cfg.compile_probe else ce_sweep
         return write_json(cfg, {v: measure(cfg, v, device, dtype) for v in cfg.vocab.split(",")})

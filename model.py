@@ -345,8 +345,12 @@ def normed_linear(x, w, bias, root_c_eps):
 
 
 def linear_added(x, y, w, bias):
-    """x + linear(y), the residual, for rows and a transposed weight: one op."""
-    x = torch.addmm(x, y, w)
+    """x + linear(y), the residual, for rows and a transposed weight: one op (two under
+    autocast, which would make addmm's sum low precision: the residual stays in x's dtype)."""
+    if torch.is_autocast_enabled(x.device.type):
+        x = x + torch.mm(y, w)
+    else:
+        x = torch.addmm(x, y, w)
     return x if bias is None else x.add_(bias)
 
 

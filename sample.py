@@ -51,6 +51,15 @@ OPTIONS = {
                             "this; needs --exit_policy", at_least(0.0)),
     "use_cache": (True, "KV cache per (loop, layer); False recomputes the context every token",
                   None),
+    "ragged": ("auto", "adaptive exit: run the deeper loops on the rows still running only. "
+                       "auto: on a CPU (faster than the whole batch there at every batch size "
+                       "measured, bench.py --gen_ragged_sweep=True), not on a GPU (unmeasured)",
+               one_of("auto", "True", "False")),
+    "compile": (False, "compile each loop of a decode step with its exit test (torch.compile; "
+                       "CUDA graphs on a GPU). Off: on the CPU demo compiling took about a "
+                       "minute and the graphs then ran at 0.6-0.9x eager's speed, so it never "
+                       "pays there (bench.py --generation=True --compile=True); on a GPU not "
+                       "yet measured", None),
     "show_depth": (False, "mark each generated token with the loop it exited at", None),
 }
 
@@ -313,8 +322,8 @@ def ragged_exit_step(model, h, K, cache, policy, threshold):
         logits = model.readout(h[:, -1], k)
         if k == K:
             passed = [True] * len(running)
-        else:  # the one read back of the loop
-            passed = exits(exit_score(logits, policy), policy, threshold).tolist()
+        else:
+            passed = exit_decisions(exits(exit_score(logits, policy), policy, threshold))
         if not any(passed):
             continue
         for b, p in zip(running, passed):
@@ -336,6 +345,12 @@ def ragged_exit_step(model, h, K, cache, policy, threshold):
     cache.rows = None
     cache.exit_rule(used)
     return chosen, torch.tensor(used, device=h.device)
+
+
+def exit_decisions(passed):
+    """Each running row's exit decision as a list: the one read back per loop of a ragged
+    batch."""
+    return passed.tolist()
 
 
 def use_ragged(device, B):
@@ -437,7 +452,9 @@ def main(argv=None):
     for _ in range(cfg.num_samples):
         y, loops = generate(model, x, cfg.max_new_tokens, temperature=cfg.temperature,
                             top_k=cfg.top_k, n_loops=depth, exit_policy=cfg.exit_policy or None,
-                            exit_threshold=cfg.exit_threshold, use_cache=cfg.use_cache)
+                            exit_threshold=cfg.exit_threshold, use_cache=cfg.use_cache,
+                            ragged={"auto": None, "True": True, "False": False}[cfg.ragged],
+                            compile=cfg.compile)
         new = y[0, len(ids):].tolist()
         if cfg.show_depth:
             pieces = [decode([t]) for t in new]

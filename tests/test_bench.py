@@ -142,6 +142,68 @@ def test_bench_ce_sweep_on_a_standin_device(kind, monkeypatch):
     assert synced and set(synced) == {device}
 
 
+def test_bench_generation_times_full_depth_against_early_exit(tmp_path, capsys, monkeypatch):
+    """--generation: tokens/s of full depth and early exit at each batch size, with the mean
+    loops, the speed-up over full depth (the median of paired rounds), the ideal K / mean loops
+    and their ratio; --compile adds the compiled graphs and what compiling costs; the ragged
+    sweep gives ragged / dense speed by mean loops and batch size. One mode at a time."""
+    compiled = []
+
+    def generate(*args, compile=False, **kw):  # the compiled graphs are sample.py's tests'
+        compiled.append(compile)
+        return real_generate(*args, **kw)
+    real_generate = bench.generate
+    monkeypatch.setattr(bench, "generate", generate)
+    monkeypatch.setattr(bench, "SWEEP_BATCHES", (1, 2))
+    monkeypatch.setattr(bench, "SWEEP_LOOPS", (1.5, 2.0))  # 2.0 = K: nothing to calibrate
+    out = bench.main(["--generation=True", "--n_loops=2", "--block_size=16", "--gen_tokens=4",
+                      "--rounds=1", "--gen_batches=1,2", "--gen_loops=1.5", "--compile=True",
+                      "--gen_ragged_sweep=True", f"--json={tmp_path}/g.json"])["generation"]
+    assert out["K"] == 2 and out["source"] == "random weights" and out["threshold"] > 0
+    for b in ("1", "2"):
+        rows = out["batch"][b]
+        assert set(rows) == {"full", "exit", "full compiled", "exit compiled", "compile"}
+        for name in ("full", "full compiled"):
+            assert rows[name]["mean_loops"] == 2 and rows[name]["speed_up"] == 1.0
+        for name in ("exit", "exit compiled"):
+            r = rows[name]
+            assert 1 <= r["mean_loops"] <= 2 and r["tokens_per_s"] > 0
+            assert r["ideal"] == 2 / r["mean_loops"] and r["of_ideal"] > 0
+        assert rows["compile"]["full_speed"] > 0
+    assert compiled.count(True) == 2 * 2 * (1 + 1)  # 2 variants, 2 batch sizes, 1 + 1 rounds
+    assert set(out["ragged_sweep"]) == {"1.5"} and set(out["ragged_sweep"]["1.5"]) == {"1", "2"}
+    printed = capsys.readouterr().out
+    for words in ("K 2, block 16, vocab 69", "threads=1", "calibrated to 1.5 mean loops",
+                  "speed-up", "of ideal", "compile, batch 2:", "ragged / dense"):
+        assert words in printed, printed
+    assert json.loads((tmp_path / "g.json").read_text())["generation"]["K"] == 2
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--generation=True", "--ce_sweep=True"])
+    assert stop.value.code == 2
+    assert "--ce_sweep and --generation are two different runs" in capsys.readouterr().err
+
+
+def test_bench_early_exit_shares_of_the_ideal_are_per_round():
+    """Each round's speed-up over its own ideal K / loops: a round that repeats one character
+    (exits at loop 1) and runs 3x faster is at its ideal, as is one at 4 loops and 1.5x."""
+    times = {"full": [3.0, 3.0, 3.0], "exit": [1.0, 2.0, 2.0]}
+    loops = {"exit": [2.0, 4.0, 4.0]}
+    r = bench.early_exit_row(times, loops, "full", "exit", 6, 100)
+    assert r["mean_loops"] == 10 / 3 and r["ideal"] == 6 / (10 / 3)
+    assert r["speed_up"] == 1.5 and r["of_ideal"] == 1.0 and r["tokens_per_s"] == 50
+
+
+def test_bench_compile_cost_and_when_it_pays():
+    times = {"full": [2.0, 2.0, 2.0], "full compiled": [1.0, 1.0, 1.0],
+             "exit": [2.0, 2.0, 2.0], "exit compiled": [1.5, 1.5, 1.5]}
+    first = {"full compiled": 11.0, "exit compiled": 11.5}
+    cost = bench.compile_cost(times, first, 100)
+    assert cost["compile_s"] == 20.0 and cost["full_speed"] == 2.0 and cost["exit_speed"] == 4 / 3
+    assert cost["pays_after_tokens"] == 2000  # 20 s, saving 1 s per 100 tokens
+    times["full compiled"] = [2.5] * 3  # compiled runs slower: compiling never pays
+    assert bench.compile_cost(times, first, 100)["pays_after_tokens"] is None
+
+
 def test_bench_sizes_default_to_the_cpu_preset_from_any_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default preset is found next to bench.py
     assert bench.sizes(tiny()) == (2, 4, 128, 8)  # config/cpu.py

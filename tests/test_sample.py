@@ -85,6 +85,26 @@ def test_attention_with_a_cache_matches_without():
             assert torch.allclose(layer(x, loop_cache), layer(x), atol=1e-12)
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_cached_decode_under_autocast_keeps_the_residual_in_float32():
+    """Under autocast (a GPU's bf16; the CPU's here) the cache holds the matmuls' dtype and the
+    residual stream stays float32, as in the plain forward: the logits agree to bf16's
+    precision."""
+    model = tiny()
+    idx = torch.randint(37, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = KVCache(model, 2, 3)
+        exit_step(model, idx[:, :-1], 0, 3, cache, None, None)
+        cache.step(8, 1)
+        h = model.embed(idx[:, -1:], 8)
+        for k in (1, 2, 3):
+            h = model.loop(h, k, cache.loops[k])
+        want = model(idx)[0][:, -1].float()
+        got = model.readout(h[:, -1], 3).float()
+    assert h.dtype == torch.float32 and cache.loops[1][0].kv.dtype == torch.bfloat16
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
 # ---- the KV cache against a recompute, at the logits ------------------------------------------
 
 def lively(**kw):
@@ -278,6 +298,31 @@ def test_generate_on_device_standin(kind, policy, everyone, use_cache, monkeypat
     assert out.shape == (2, 23) and loops.shape == (2, 20) and loops.dtype == torch.long
     if policy:
         assert asked and set(asked) == {device}
+
+
+@pytest.mark.parametrize("kind", ["cuda", "mps"])
+def test_ragged_generation_on_device_standin(kind, monkeypatch):
+    """A ragged batch on a device: the rows that exit leave it, and every tensor stays on the
+    device but for the exit decisions read back each loop (answered here: row 0 exits at loop
+    1, row 2 at loop 2, the others run all 3 loops)."""
+    decisions = {1: [True, False, False, False], 2: [False, True, False]}
+    asked = []
+
+    def exit_decisions(passed):
+        asked.append(passed.device.type)
+        return decisions[4 - len(passed) + 1]
+    monkeypatch.setattr(sample, "exit_decisions", exit_decisions)
+    monkeypatch.setattr(sample, "who_exited", None)  # the dense batch's read back: not used
+    prompt = torch.zeros(4, 3, dtype=torch.long)
+    with standin(kind) as device:
+        model = tiny(n_loops=3).to(device)
+        out, loops = generate(model, prompt, 15, exit_policy="max_prob", exit_threshold=0.5,
+                              ragged=True)
+    assert out.device.type == loops.device.type == device
+    assert out.shape == (4, 18) and loops.shape == (4, 15)
+    # 13 one-token steps decide at loops 1 and 2; the fill and the refill (its last token
+    # reaches position 16 = block_size) run every row, reading nothing back
+    assert set(asked) == {device} and len(asked) == 13 * 2
 
 
 @pytest.mark.parametrize("colour", [True, False])
