@@ -3,6 +3,7 @@ The run folder and the data it trains on: what train.py writes and eval.py, samp
 plot_norms.py read.
 
   out_dir/ckpt.pt      model, optimizer, RNG states, iteration, the run's config and meta.json
+                       (at an evaluation, with its log entry; or where a signal stopped the run)
   out_dir/log.jsonl    one JSON line per evaluation, appended
   out_dir/eval.json    eval.py's results
   data_dir/<dataset>/  train.bin, val.bin (token ids) and meta.json, from prepare.py
@@ -10,6 +11,9 @@ plot_norms.py read.
 Every write is atomic (a kill or a full disk leaves the old file or the new one, never half of
 one), and every failure a user can meet (no data, damaged files, a foreign checkpoint, a folder
 that cannot be written, a second run in the same folder) ends in one line that says what to do.
+
+Test hook: NANOLOOP_TEST_SAVE_DELAY=SECONDS makes every checkpoint write pause that long with its
+temp file half written, so that a test can signal or kill a real train.py in the middle of one.
 """
 
 import errno
@@ -17,6 +21,7 @@ import functools
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -129,7 +134,15 @@ def atomic_save(obj, path):
             if recorder.error:
                 raise recorder.error from None
             raise
+        time.sleep(float(os.environ.get("NANOLOOP_TEST_SAVE_DELAY", 0)))  # the test hook
     _atomic_write(path, save, "wb")
+
+
+def remove_stale_temps(path):
+    """Remove the temp files a kill left beside `path` (a SIGKILL mid-write cannot clean up).
+    Call it only while holding the folder's lock: then no other writer of `path` is alive."""
+    for tmp in Path(path).parent.glob(f"{Path(path).name}.*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path, text):
@@ -216,10 +229,12 @@ def read_log(path):
 
 
 def resume_log(path, ckpt):
-    """On resume, the log gets what it lacks and loses nothing. The checkpoint carries its own
-    log entry (the checkpoint is written first): when a kill came between the two, that entry is
-    appended now, with its real throughput. A torn last line (a kill mid-write) is completed
-    with a newline so the next entry starts on a line of its own."""
+    """On resume, the log gets what it lacks and loses nothing. An evaluation's checkpoint
+    carries its own log entry (the checkpoint is written first): when a kill came between the
+    two, that entry is appended now, with its real throughput. A stop's checkpoint carries none:
+    the resumed run evaluates its iteration, when due, before its first step. A torn last line
+    (a kill mid-write) is completed with a newline so the next entry starts on a line of its
+    own."""
     if os.path.isfile(path) and os.path.getsize(path) > 0:
         with open(path, "rb+") as f:
             f.seek(-1, os.SEEK_END)
@@ -228,6 +243,23 @@ def resume_log(path, ckpt):
     logged = {e["iter"] for e in read_log(path)} if os.path.isfile(path) else set()
     if ckpt["iter_num"] not in logged and "log_entry" in ckpt:
         append_log(path, ckpt["log_entry"])
+
+
+def start_mode(out_dir):
+    """--init_from=auto, so that a requeued job's unchanged command goes on by itself: 'resume'
+    when out_dir holds a checkpoint; 'scratch' when it holds no run (no folder, no log, or a
+    log without an entry: a run stopped before its first checkpoint, which lost nothing).
+    Returns (mode, None), or (None, why) for a log with entries but no checkpoint."""
+    if os.path.isfile(os.path.join(out_dir, "ckpt.pt")):
+        return "resume", None
+    log = os.path.join(out_dir, "log.jsonl")
+    entries = read_log(log) if os.path.isfile(log) else []
+    if not entries:
+        return "scratch", None
+    evaluations = f"{len(entries)} evaluation" + "s" * (len(entries) != 1)
+    return None, (f"--init_from=auto: {out_dir} holds a log of {evaluations} (the last at iter "
+                  f"{entries[-1]['iter']}) but no ckpt.pt; put the checkpoint back to resume, or "
+                  f"use another --out_dir (--init_from=scratch would replace the log)")
 
 
 # ---- the data --------------------------------------------------------------------------------
