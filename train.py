@@ -264,6 +264,11 @@ def banner(model, cfg, ddp_world, resumed_at, data=None):
         lines.append(f"set: {changed}")
     if data:
         lines.append(data)
+    if 0 < cfg.max_iters <= cfg.warmup_iters:
+        lines.append(f"warmup: --max_iters={cfg.max_iters} <= --warmup_iters={cfg.warmup_iters}, "
+                     f"so the run never leaves its warmup: the learning rate ends at "
+                     f"{get_lr(cfg.max_iters - 1, cfg):.3g}, short of --learning_rate="
+                     f"{cfg.learning_rate:g}")
     return "\n".join(lines)
 
 

@@ -225,3 +225,17 @@ def test_checkpoint_from_another_version_is_named(trained, tmp_path):
     p = run("sample.py", f"--out_dir={out}")
     assert_clear_error(p, "do not fit this model.py", "train it again")
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_a_run_that_never_leaves_its_warmup_says_so(data_dir, tmp_path, capsys):
+    from train import main
+
+    def warmup_lines(name, *flags):
+        main(train_args(data_dir, tmp_path / name, *flags))
+        return [line for line in capsys.readouterr().out.splitlines()
+                if line.startswith("warmup:")]
+    assert warmup_lines("a", "--max_iters=2", "--warmup_iters=2") == [
+        "warmup: --max_iters=2 <= --warmup_iters=2, so the run never leaves its warmup: the "
+        "learning rate ends at 0.002, short of --learning_rate=0.003"]
+    assert warmup_lines("b", "--max_iters=3", "--warmup_iters=2") == []
+    assert warmup_lines("c", "--max_iters=0", "--warmup_iters=2") == []  # evaluation only
