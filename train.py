@@ -6,17 +6,24 @@ Train a looped LM with a readout after every loop, and log what happens to ||h_k
   python train.py                                           # the paper's 44M model, on a GPU
   torchrun --nproc_per_node=8 train.py config/paper_44m.py  # DDP; the same global batch
   python train.py --init_from=resume --out_dir=out          # continue a killed run
+  python train.py config/paper_44m.py --init_from=auto      # a job: resume out_dir's run if any
   python train.py config/paper_44m.py --dataset=wikitext103_word  # the paper's recipe: 4 epochs
 
 The defaults are the paper's 44M model and optimizer on Shakespeare characters; config/ holds
 the CPU demo and the paper's presets. Every eval_interval one JSON line goes to out_dir/log.jsonl
-(its keys are in the README) and out_dir/ckpt.pt is replaced atomically.
+(its keys are in the README) and out_dir/ckpt.pt is replaced atomically. SIGTERM, SIGUSR1
+(SLURM's --signal) and Ctrl-C end the current step (under torchrun, the next: every process
+stops after the same one), checkpoint it and exit with 128 + the signal's number (143, 138,
+130); a second Ctrl-C stops at once.
 `python train.py --help` lists every option.
 """
 
+import contextlib
 import math
 import os
+import signal
 import sys
+import threading
 import time
 
 import torch
@@ -29,7 +36,8 @@ from device import set_rng_state
 from model import LoopedGPT, LoopedGPTConfig, config_error, knob_applies
 from rundir import MODEL_KEYS, append_log, atomic_save, die, disk_error, epoch_starts, eval_seed
 from rundir import get_batch, load_checkpoint, load_data, lock_folder, model_config
-from rundir import model_from_checkpoint, n_windows, resume_log, windows_batch, writable_folder
+from rundir import model_from_checkpoint, n_windows, remove_stale_temps, resume_log, start_mode
+from rundir import windows_batch, writable_folder
 
 POSITIVE = check("a number > 0", lambda v: v > 0, [0.0, -1.0])
 FOLDER_NAME = check("a folder name (no '/')", lambda v: v != "" and "/" not in v, ["", "a/b"])
@@ -40,8 +48,10 @@ OPTIONS = {
                       at_least(1)),
     "eval_iters": (50, "batches per split in each evaluation", at_least(1)),
     "log_interval": (10, "refresh the progress bar every this many iterations", at_least(1)),
-    "init_from": ("scratch", "scratch, or resume (continue out_dir/ckpt.pt and its log)",
-                  one_of("scratch", "resume")),
+    "init_from": ("scratch", "scratch, resume (continue out_dir/ckpt.pt and its log), or auto: "
+                             "resume when out_dir holds a checkpoint, else scratch (for a job "
+                             "that is requeued or restarted with the same command)",
+                  one_of("scratch", "resume", "auto")),
     "overwrite": (False, "scratch into an out_dir that holds a run replaces that run (without "
                          "this, the run is kept and train.py stops)", None),
     # data
@@ -111,6 +121,9 @@ def together(cfg, explicit, flags=()):
         return (f"--epochs={cfg.epochs:g} and --max_iters={cfg.max_iters} both set the length of "
                 f"the run; give one of them (--epochs=0 trains --max_iters steps; a --max_iters "
                 f"flag overrides a preset's epochs)")
+    if cfg.init_from == "auto" and cfg.overwrite:
+        return ("--init_from=auto resumes the run out_dir holds, --overwrite=True replaces it; "
+                "give one (to replace a run: --init_from=scratch --overwrite=True)")
     if cfg.lr_schedule == "cosine" and cfg.min_lr > cfg.learning_rate:
         return (f"--min_lr={cfg.min_lr!r} is above --learning_rate={cfg.learning_rate!r}; "
                 f"the cosine schedule decays from learning_rate down to min_lr")
@@ -272,6 +285,119 @@ def banner(model, cfg, ddp_world, resumed_at, data=None):
     return "\n".join(lines)
 
 
+# ---- stopping on a signal ----------------------------------------------------------------------
+
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")  # a scheduler, SLURM's --signal, Ctrl-C
+
+
+class Stop:
+    """A request to stop. The signal handler only records the signal; the training loop ends
+    its step, checkpoints it and exits with 128 + the signal's number. Repeats change nothing (a
+    scheduler signals every process, and torchrun forwards the signal once more), except a
+    second Ctrl-C in a single process outside a checkpoint write: it stops at once, as Ctrl-C
+    did before.
+
+    Under torchrun a signal may reach the processes in different steps, or reach one only. They
+    all-reduce their signals (MAX) every step and act on the previous step's result, so all stop
+    after the same step and one checkpoint is written. Reading the result a step late costs a
+    GPU no host sync: it waits on a copy to pinned memory that the GPU made a step ago, where
+    reading this step's result would stall the host on the GPU every step."""
+
+    def __init__(self, device, ddp):
+        self.ddp = ddp
+        self.signum = 0  # the first signal, 0 while there is none
+        self.writing = False
+        self.previous = {}
+        if ddp:
+            cuda = str(device).startswith("cuda")
+            self.vote = torch.zeros(1, dtype=torch.int32, device=device)
+            self.result = torch.zeros(1, dtype=torch.int32, pin_memory=cuda)
+            self.copied = torch.cuda.Event() if cuda else None
+            self.voted = False
+
+    def install(self):
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python lets the main thread alone set handlers
+        for name in STOP_SIGNALS:
+            if hasattr(signal, name):  # Windows has no SIGUSR1
+                sig = getattr(signal, name)
+                self.previous[sig] = signal.signal(sig, self.handle)
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def ignore(self):
+        """A stopped process ignores the signals while it exits: Python's shutdown puts their
+        default (death) back, and torchrun's own SIGTERM, late, would change the exit status."""
+        for sig in self.previous:
+            signal.signal(sig, signal.SIG_IGN)
+
+    def handle(self, signum, frame):
+        again = self.signum != 0
+        self.signum = self.signum or signum
+        if again and signum == signal.SIGINT and not self.ddp and not self.writing:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def shield(self):
+        """A checkpoint write: no signal interrupts it (a second Ctrl-C waits for its end)."""
+        self.writing = True
+        try:
+            yield
+        finally:
+            self.writing = False
+
+    def agreed(self):
+        """The signal on which every process stops after this step, or 0; every process asks
+        once a step."""
+        if not self.ddp:
+            return self.signum
+        import torch.distributed as dist
+        last = 0
+        if self.voted:
+            if self.copied is not None:
+                self.copied.synchronize()
+            last = int(self.result.item())
+        self.vote.fill_(self.signum)
+        dist.all_reduce(self.vote, op=dist.ReduceOp.MAX)
+        self.result.copy_(self.vote, non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
+        self.voted = True
+        return last
+
+
+def init_group(backend):
+    """The process group, with keys of its own in torchrun's store for each restart of the
+    group: torchrun keeps one store across restarts, where a restarted process can read the
+    address of a process that is gone and fail to connect (pytorch/pytorch#135712)."""
+    import torch.distributed as dist
+    store, rank, world = next(dist.rendezvous("env://"))
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"restart{restart}", store),
+                            rank=rank, world_size=world)
+
+
+def lost_peer(e):
+    """A collective that failed because another process of the group ended: gloo names the
+    closed connection, NCCL raises DistBackendError."""
+    import torch.distributed as dist
+    return isinstance(e, dist.DistBackendError) or "by peer" in str(e)
+
+
+def all_rng_states(device, ddp, world):
+    """Every process's RNG states, so that a resume continues each one. Under torchrun a
+    collective: every process calls it at the same iteration."""
+    if not ddp:
+        return [rng_state(device)]
+    import torch.distributed as dist
+    states = [None] * world
+    dist.all_gather_object(states, rng_state(device))
+    return states
+
+
 def main(argv=None):
     flags = flag_names(sys.argv[1:] if argv is None else argv)
     cfg, explicit = parse("train.py", OPTIONS, argv, __doc__,
@@ -279,7 +405,12 @@ def main(argv=None):
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     ckpt = None
-    if cfg.init_from == "resume":
+    mode = cfg.init_from
+    if mode == "auto":  # a requeued job's command: go on with the run out_dir holds, or start
+        mode, why = start_mode(cfg.out_dir)
+        if why:
+            die(why)
+    if mode == "resume":
         ckpt = load_checkpoint(ckpt_path)
         resume_options(cfg, explicit, ckpt)
     elif os.path.isfile(ckpt_path) and not cfg.overwrite:
@@ -313,8 +444,7 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for float32 matmuls, as nanoGPT
         torch.backends.cudnn.allow_tf32 = True
     if ddp:
-        from torch.distributed import init_process_group
-        init_process_group(backend="nccl" if dev == "cuda" else "gloo")
+        init_group("nccl" if dev == "cuda" else "gloo")
 
     # ---- data ----
     data, meta = load_data(cfg.data_dir, cfg.dataset, cfg.block_size)
@@ -377,6 +507,7 @@ def main(argv=None):
     if master:  # the folder is checked and locked before anything in it is touched
         writable_folder(cfg.out_dir)
         lock_folder(cfg.out_dir)
+        remove_stale_temps(ckpt_path)  # a SIGKILL mid-write left it; the lock says it is stale
         try:
             if ckpt:
                 resume_log(log_path, ckpt)
@@ -384,39 +515,84 @@ def main(argv=None):
                 open(log_path, "w").close()
         except OSError as e:
             die(disk_error(e, log_path, "nothing else was changed"))
-        print(banner(raw_model, cfg, world, iter_num if ckpt else 0,
-                     data_line(cfg, len(data["train"]), count)))
-        if dev == "cpu" and raw_model.get_num_params() > 10e6:
-            print("note: a model this size trains slowly on a CPU; the CPU demo is "
-                  "python train.py config/cpu.py")
     tokens_per_iter = cfg.batch_size * cfg.gradient_accumulation_steps * cfg.block_size
-    bar = tqdm(total=cfg.max_iters, initial=iter_num, desc="train", unit="it",
-               disable=not master, dynamic_ncols=True)
     t_start = t_last = time.time()
     iter_last = iter_num
+    if ckpt and "since_eval" in ckpt:  # a stop between evaluations: the next throughput counts
+        iter_last = ckpt["since_eval"][0]  # the steps before the stop, not the time away
+        t_last -= ckpt["since_eval"][1]
     elapsed0 = ckpt["elapsed"] if ckpt else 0.0
     warned_fp16 = False
-    skipped = 0
+    skipped = ckpt.get("skipped_steps", 0) if ckpt else 0
+    stop = Stop(cfg.device, ddp)
+
+    def save(rngs, elapsed, since, entry=None):
+        """Checkpoint iteration iter_num atomically, with all a resume needs to go on exactly:
+        an evaluation's checkpoint carries its log entry, a stop's none. `since`: the iteration
+        and seconds ago the throughput was last measured."""
+        state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scaler": scaler.state_dict(), "rng": rngs, "iter_num": iter_num,
+                 "config": run_config, "meta": meta, "elapsed": elapsed,
+                 "skipped_steps": skipped, "since_eval": since}
+        if entry is not None:
+            state["log_entry"] = entry
+        with stop.shield():
+            atomic_save(state, ckpt_path)
 
     # ---- the training loop ----
-    resumed_at = saved_at = ckpt["iter_num"] if ckpt else None  # saved_at: the last checkpoint
+    saved_at = ckpt["iter_num"] if ckpt else None  # the last checkpoint
+    # the iteration whose evaluation the log holds already: a stop's checkpoint was not
+    # evaluated, so its iteration is evaluated now, when due
+    logged_at = ckpt["iter_num"] if ckpt and "log_entry" in ckpt else None
+    stop_signal = 0  # the signal every process agreed, after the last step, to stop on
+    stop.install()
+    bar = None
     try:
+        if master:
+            print(banner(raw_model, cfg, world, iter_num if ckpt else 0,
+                         data_line(cfg, len(data["train"]), count)), flush=True)
+            if dev == "cpu" and raw_model.get_num_params() > 10e6:
+                print("note: a model this size trains slowly on a CPU; the CPU demo is "
+                      "python train.py config/cpu.py")
+        bar = tqdm(total=cfg.max_iters, initial=iter_num, desc="train", unit="it",
+                   disable=not master, dynamic_ncols=True)
         while True:
+            # a signal: checkpoint this iteration, before its evaluation (a grace period is
+            # short), and exit; every process is here at the same iteration
+            if stop_signal:
+                rngs = all_rng_states(cfg.device, ddp, world)
+                bar.close()
+                if master:  # one checkpoint, by one process
+                    try:
+                        save(rngs, elapsed0 + time.time() - t_start,
+                             [iter_last, time.time() - t_last])
+                    except OSError as e:
+                        die(disk_error(e, ckpt_path, f"the checkpoint of iter {saved_at} and "
+                                                     f"the log are kept; free space, then "
+                                                     f"resume"))
+                    launch = "torchrun ... train.py" if ddp else "python train.py"
+                    print(f"stopped by {signal.Signals(stop_signal).name}: the checkpoint of "
+                          f"iter {iter_num} is written; resume with: {launch} --init_from=resume "
+                          f"--out_dir={cfg.out_dir} (or run the same command with "
+                          f"--init_from=auto)", file=sys.stderr)
+                if ddp:  # the others wait for the write: torchrun ends the group when one ends
+                    import torch.distributed as dist
+                    dist.barrier()
+                    dist.destroy_process_group()
+                stop.ignore()
+                sys.exit(128 + stop_signal)
+
             lr = get_lr(iter_num, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
             # every eval_interval: evaluate, checkpoint (finite models only), then log. A kill
             # between the two is repaired on resume. Not at the iteration a resume starts
-            # from: that one is logged already.
+            # from when the log holds it already.
             due = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters
-            due = due and iter_num != resumed_at
-            if due:  # every process's RNG state, so that a resume continues each one
-                rngs = [rng_state(cfg.device)]
-                if ddp:
-                    import torch.distributed as dist
-                    rngs = [None] * world
-                    dist.all_gather_object(rngs, rng_state(cfg.device))
+            due = due and iter_num != logged_at
+            if due:
+                rngs = all_rng_states(cfg.device, ddp, world)
             if master and due:
                 ev = {k: v.tolist() for k, v in evaluate(raw_model, batch, cfg.eval_iters,
                                                           cfg.dtype).items()}
@@ -435,11 +611,7 @@ def main(argv=None):
                 entry = {"iter": iter_num, "lr": lr, **ev, "tokens_per_sec": tokens_per_sec,
                          "elapsed": elapsed, "skipped_steps": skipped, "config": run_config}
                 try:  # the checkpoint carries its log entry: a kill between the two loses none
-                    atomic_save({"model": raw_model.state_dict(),
-                                 "optimizer": optimizer.state_dict(),
-                                 "scaler": scaler.state_dict(), "rng": rngs,
-                                 "iter_num": iter_num, "config": run_config, "meta": meta,
-                                 "elapsed": elapsed, "log_entry": entry}, ckpt_path)
+                    save(rngs, elapsed, [iter_num, 0.0], entry)
                     saved_at = iter_num
                     append_log(log_path, entry)
                 except OSError as e:
@@ -492,14 +664,25 @@ def main(argv=None):
                 bar.set_postfix(loss=f"{lossf:.4f}", h_K=f"{norms[-1]:.3g}", lr=f"{lr:.2e}")
             iter_num += 1
             bar.update(1)
-    except KeyboardInterrupt:  # Ctrl-C: stop cleanly, say where to pick up
-        bar.close()
+            stop_signal = stop.agreed()
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, say where to pick up
+        if bar is not None:
+            bar.close()
         if master:
             kept = (f"the checkpoint of iter {saved_at} is kept; resume with: python train.py "
                     f"--init_from=resume --out_dir={cfg.out_dir}" if saved_at is not None
                     else "no checkpoint was written yet")
             print(f"\ninterrupted at iter {iter_num}: {kept}", file=sys.stderr)
         sys.exit(130)
+    except RuntimeError as e:  # under torchrun: a collective whose peer is gone (gloo's error)
+        if not (ddp and lost_peer(e)):
+            raise
+        die(f"a collective failed at iter {iter_num} ({type(e).__name__}): another process of "
+            f"the group has ended or hangs; torchrun --max-restarts=N restarts the group, and "
+            f"--init_from=auto resumes it from the last checkpoint")
+    finally:  # a stopped process ignores the signals to its end (Stop.ignore)
+        if not stop_signal:
+            stop.restore()
     bar.close()
     if ddp:
         from torch.distributed import destroy_process_group
