@@ -347,7 +347,7 @@ def normed_linear(x, w, bias, root_c_eps):
 def linear_added(x, y, w, bias):
     """x + linear(y), the residual, for rows and a transposed weight: one op (two under
     autocast, which would make addmm's sum low precision: the residual stays in x's dtype)."""
-    if torch.is_autocast_enabled(x.device.type):
+    if matmul_dtype(x) != x.dtype:
         x = x + torch.mm(y, w)
     else:
         x = torch.addmm(x, y, w)

@@ -159,8 +159,9 @@ class LoopCache:
         q = new[:, :, 0].transpose(1, 2)  # [B, H, T, D]
         if c.rows is None:
             self.kv.index_copy_(1, c.pos, new[:, :, 1:])
-        else:  # a ragged batch, one token: every row attends (each row on its own, so the
-            # rows that have exited only cost their share of one op), the running rows are kept
+        else:  # a ragged batch, one token: the running rows' queries join the others' stale
+            # ones in one attention over the whole batch, whose other rows are dropped after
+            # (on a CPU, gathering the running rows' keys and values cost as much as it saved)
             self.kv.index_put_((c.rows, c.pos), new[:, 0, 1:])
             q = c.queries.index_copy_(0, c.rows, q)
         if torch.compiler.is_compiling():  # one graph for every position: the whole buffer
@@ -206,7 +207,8 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, n_loops=No
     again (only the last one's exit is decided anew); without a cache the context is cropped to
     block_size every token, as in nanoGPT. ragged: adaptive exit runs the deeper loops on the
     rows still running only (None: where it pays, see use_ragged). compile: each loop of a
-    one-token step is a compiled graph (see compiled_steps). The model runs as in eval mode."""
+    one-token step of the whole batch is a compiled graph (see compiled_steps; a ragged batch
+    runs eagerly). The model runs as in eval mode."""
     with torch.inference_mode():  # lighter than no_grad: no version counters, no view tracking
         out, loops = _generate(model, idx, max_new_tokens, temperature, top_k, n_loops,
                                exit_policy, exit_threshold, use_cache, ragged, compile)
@@ -274,13 +276,14 @@ def exit_step(model, x, pos0, K, cache, policy, threshold, ragged=False,
     chosen = None
     done = torch.zeros(B, dtype=torch.bool, device=h.device)
     used = torch.full((B,), K, dtype=torch.long, device=h.device)
+    some = x.size(1) > 1  # has a row exited? (in a fill, not read back: assume so)
     for k in range(1, K + 1):
         h, chosen, done, used = adaptive(model, h, k, caches[k], chosen, done, used, policy,
-                                         threshold, k < K)
+                                         threshold, k < K, some)
         # Skip the deeper loops once every row has exited. A fill cannot: its earlier
         # positions need every loop's keys/values, so it reads nothing back.
         if k < K and (cache is None or x.size(1) == 1):
-            every, _ = who_exited(done)
+            every, some = who_exited(done)
             if every:
                 if cache is not None:  # the loops skipped hold loop k's entries
                     cache.exit_rule([k] * B)
@@ -293,12 +296,13 @@ def fixed_loop(model, h, k, caches):
     return model.loop(h, k, caches)
 
 
-def exit_loop(model, h, k, caches, chosen, done, used, policy, threshold, test):
+def exit_loop(model, h, k, caches, chosen, done, used, policy, threshold, test, some=True):
     """Loop k of adaptive exit on every row, with its readout and exit test (none at the last
     loop, where every row exits): the rows that exit here take this loop's logits and k, the
-    rows done before keep theirs, and their keys and values of the loop above (exit rule)."""
+    rows done before keep theirs, and (if `some` row is done) their keys and values of the loop
+    above (exit rule)."""
     h = model.loop(h, k, caches)
-    if caches is not None and k > 1:
+    if caches is not None and k > 1 and some:
         caches[0].cache.keep_exited(k, done)
     logits = model.readout(h[:, -1], k)
     chosen = logits if chosen is None else torch.where(done[:, None], chosen, logits)
