@@ -37,11 +37,13 @@ MFU is against this CPU's measured fp32 matmul throughput, or the GPU's dense bf
 (its K and block size; 69 characters), random weights or --gen_ckpt's, one CPU thread, prompts
 of 32 random tokens and --gen_tokens new ones, at each --gen_batches size: full depth against
 adaptive exit (logit_margin, its threshold calibrated to a mean of --gen_loops loops), the
-variants alternating round by round over --rounds rounds after a warm-up. It prints tokens/s,
-mean loops, the speed-up over full depth (the median of the rounds' paired ratios), the ideal
-speed-up K / mean loops and their ratio; with --compile=True also the compiled graphs, their
-compile time and the tokens after which compiling pays; with --gen_ragged_sweep=True how a
-ragged batch compares with a dense one by batch size and mean loops.
+variants alternating round by round over --rounds rounds after a warm-up, timed by this
+thread's CPU time on a CPU (--gen_clock: other work on a shared machine stretches the wall
+clock, and not alike for all variants). It prints tokens/s, mean loops, the speed-up over full
+depth (the median of the rounds' paired ratios), the ideal speed-up K / mean loops and the
+speed-up's share of it; with --compile=True also the compiled graphs, their compile time (wall
+clock) and the tokens after which compiling pays; with --gen_ragged_sweep=True how a ragged
+batch compares with a dense one by batch size and mean loops.
 """
 
 import json

@@ -52,9 +52,9 @@ OPTIONS = {
     "use_cache": (True, "KV cache per (loop, layer); False recomputes the context every token",
                   None),
     "ragged": ("auto", "adaptive exit: run the deeper loops on the rows still running only. "
-                       "auto: on a CPU (faster than the whole batch there at every batch size "
-                       "measured, bench.py --gen_ragged_sweep=True), not on a GPU (unmeasured)",
-               one_of("auto", "True", "False")),
+                       "auto: on a CPU, where it measured at least as fast as the whole batch "
+                       "(bench.py --generation=True --gen_ragged_sweep=True); not on a GPU "
+                       "(not yet measured)", one_of("auto", "True", "False")),
     "compile": (False, "compile each loop of a decode step with its exit test (torch.compile; "
                        "CUDA graphs on a GPU). Off: on the CPU demo compiling took about a "
                        "minute and the graphs then ran at 0.6-0.9x eager's speed, so it never "
@@ -118,7 +118,14 @@ class KVCache:
         that exited at loop e gets loop e's keys and values at every deeper loop, so that later
         tokens see its exit state. used: each row's exit loop, on the host."""
         last = self.end - 1
-        for k in range(min(used) + 1, len(self.loops) + 1):
+        K = len(self.loops)
+        e = min(used)
+        if e == max(used):  # one exit loop for the batch: one op copies to every deeper loop
+            if e < K:
+                deeper = [c.slots[last] for k in range(e + 1, K + 1) for c in self.loops[k]]
+                torch._foreach_copy_(deeper, [c.slots[last] for c in self.loops[e]] * (K - e))
+            return
+        for k in range(e + 1, K + 1):
             # loop k - 1 holds the exit entries of every row that exited before loop k
             rows = [b for b, e in enumerate(used) if e < k]
             if len(rows) < len(used):
@@ -149,6 +156,7 @@ class LoopCache:
         self.above = above
         self.keys = kv[:, :, 0].transpose(1, 2)  # [B, H, block_size, D]: views of kv
         self.values = kv[:, :, 1].transpose(1, 2)
+        self.slots = kv.unbind(1)  # each position's [B, 2, H, D], for the exit rule's copies
 
     def attend(self, qkv, n_head):
         """Store this step's keys and values and attend over every position held: qkv [B * T,
@@ -358,7 +366,9 @@ def exit_decisions(passed):
 
 
 def use_ragged(device, B):
-    """Ragged batches where they were measured to pay: see RAGGED."""
+    """A ragged batch where it was measured to pay: on a CPU, at every batch size (batch 1
+    too, where it reads each decision back and keeps no tensors of who is done). Not on a GPU,
+    where it is not yet measured (each loop's gather and the cache's row writes are kernels)."""
     return device.type == "cpu"
 
 
