@@ -96,15 +96,15 @@ def test_log_values_recomputed_token_by_token(data_dir, tmp_path, monkeypatch):
     B, acc, T = 2, 3, 32
     train.main(TINY + [f"--data_dir={data_dir}", "--dataset=tiny_char", f"--out_dir={tmp_path}",
                        f"--batch_size={B}", f"--gradient_accumulation_steps={acc}",
-                       "--max_iters=4", "--eval_interval=2"])
+                       "--max_iters=2", "--eval_interval=1"])
     log = read_log(tmp_path)
-    assert [e["iter"] for e in log] == [0, 2, 4]
+    assert [e["iter"] for e in log] == [0, 1, 2]
     # lr: TINY's 3e-3 after 2 linear warmup steps of (it + 1) / 3
-    assert [e["lr"] for e in log] == pytest.approx([1e-3, 3e-3, 3e-3], rel=1e-12)
-    assert [e["elapsed"] for e in log] == pytest.approx([0.0, 2 * acc * 0.25, 4 * acc * 0.25])
-    tokens = 2 * B * acc * T  # two steps of batch x micro-batches x positions
-    assert log[1]["tokens_per_sec"] == pytest.approx(tokens / (2 * acc * 0.25))
-    assert log[2]["tokens_per_sec"] == pytest.approx(tokens / (2 * acc * 0.25))
+    assert [e["lr"] for e in log] == pytest.approx([1e-3, 2e-3, 3e-3], rel=1e-12)
+    step = acc * 0.25  # seconds: one forward pass per micro-batch
+    assert [e["elapsed"] for e in log] == pytest.approx([0.0, step, 2 * step])
+    tokens = B * acc * T  # a step: batch x micro-batches x positions
+    assert [e["tokens_per_sec"] for e in log[1:]] == pytest.approx([tokens / step] * 2)
     assert all(e["skipped_steps"] == 0 for e in log)
 
     ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
@@ -417,6 +417,26 @@ def test_spread_and_lemma1_summaries_recomputed(tiny_runs, data_dir):
         [sum(cos[1]) / len(cos[1]), sum(cos[K]) / len(cos[K])], rel=1e-4)
 
 
+
+def test_lens_probabilities_recomputed(tiny_runs):
+    """eval.json's lens: for each position of the prompt and each loop k, the top-1 next token
+    and its probability, the largest softmax probability of the readout of h_k there, from the
+    float64 model by hand; each top-1 token is its id decoded."""
+    from eval import lens
+    from prepare import load_tokenizer
+    ckpt = load_checkpoint(os.path.join(tiny_runs["scale_visible"], "ckpt.pt"))
+    model = model_from_checkpoint(ckpt, "cpu")
+    encode, decode = load_tokenizer(ckpt["meta"])
+    ids = encode("ROMEO:\nWhat say")
+    out = lens(model, ids, decode)
+    probs = [torch.softmax(hand_logits(model, h[0]), dim=-1)
+             for h in hand_states(model, torch.tensor([ids]))]
+    for t in range(len(ids)):
+        assert out["prob"][t] == pytest.approx([p[t].max().item() for p in probs], rel=1e-5)
+        assert out["top1"][t] == [p[t].argmax().item() for p in probs]
+        assert out["top1_token"][t] == [decode([i]) for i in out["top1"][t]]
+
+
 # ---- sampling: --temperature and --top_k -----------------------------------------------------
 
 def tempered_top_k(logits, temperature, top_k):
@@ -511,6 +531,24 @@ def test_sample_cli_passes_temperature_and_top_k_to_the_draw(tiny_runs, monkeypa
     assert text.startswith("ROMEO:")
     drawn = chars.index(text[len("ROMEO:")])
     assert asked[0][0, 1].item() == pytest.approx(want[drawn], rel=1e-4)  # the id drawn
+
+
+
+def test_sample_cli_mean_loops_over_every_generated_token(tiny_runs, monkeypatch, capsys):
+    """python sample.py's last line, "mean loops per generated token", is the mean of the exit
+    loops of every token of every sample: with generation replaced by one that returns known
+    loops (3 tokens each of 2 samples), 13 / 6."""
+    import sample
+    loops = iter([[1, 2, 3], [3, 3, 1]])
+
+    def fake_generate(model, x, n, **kw):
+        return torch.cat([x, torch.zeros(1, n, dtype=torch.long)], dim=1), torch.tensor(
+            [next(loops)])
+    monkeypatch.setattr(sample, "generate", fake_generate)
+    sample.main([f"--out_dir={tiny_runs['rmsnorm']}", "--max_new_tokens=3", "--num_samples=2",
+                 "--exit_policy=entropy", "--exit_threshold=1.5", "--device=cpu"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"mean loops per generated token: {13 / 6:.2f} of 3 (adaptive entropy <= 1.5)"
 
 
 # ---- claims.json, experiments.py's table, plot_norms.py: from run folders made by hand -------
@@ -703,6 +741,23 @@ def test_table1_rows_recomputed_from_the_runs_logs(tmp_path, monkeypatch):
         assert row["seeds"] == 3
 
 
+def figures_kept(monkeypatch):
+    """plt.subplots made to keep each (figure, axes) it makes, to read the plotted data back;
+    saving and laying out the figure skipped (the data is in the axes already)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+    figures = []
+    subplots = plt.subplots
+
+    def kept(*args, **kw):
+        figures.append(subplots(*args, **kw))
+        return figures[-1]
+    monkeypatch.setattr(plt, "subplots", kept)
+    monkeypatch.setattr(Figure, "savefig", lambda self, *args, **kw: None)
+    monkeypatch.setattr(Figure, "tight_layout", lambda self, *args, **kw: None)
+    return figures
+
+
 def test_plotted_data_and_table_recomputed_from_the_files(tmp_path, monkeypatch):
     """plot_norms.py's figure, read back from matplotlib's axes (the lines' x and y, the
     histogram's bins), panel by panel against the values in each run's log.jsonl and eval.json:
@@ -712,26 +767,13 @@ def test_plotted_data_and_table_recomputed_from_the_files(tmp_path, monkeypatch)
     calibrated star (the sweep's own policy and unit), PPL of alpha * h_K (exp of the CE),
     Lemma 2's a_k and du_k x s_k at k = 1..n-1, and the frontier; and the printed table's rows
     (||h_K||, PPL at K, mean loops of the --policy and --exit_unit asked, PPL at 1..K)."""
-    import matplotlib.pyplot as plt
-    from matplotlib.figure import Figure
-
     import plot_norms
     g = torch.Generator().manual_seed(7)
     K = 3
     a_log, ev = write_run(tmp_path / "a", logged_config(), g)
     b_log, _ = write_run(tmp_path / "b", logged_config(readout="scale_visible"), g,
                          with_eval=False)
-    figures = []
-    subplots = plt.subplots
-
-    def kept(*args, **kw):
-        fig, ax = subplots(*args, **kw)
-        figures.append((fig, ax))
-        return fig, ax
-    monkeypatch.setattr(plt, "subplots", kept)
-    # the data is read from the axes: drawing the PNG would only cost time
-    monkeypatch.setattr(Figure, "savefig", lambda self, *args, **kw: None)
-    monkeypatch.setattr(Figure, "tight_layout", lambda self, *args, **kw: None)
+    figures = figures_kept(monkeypatch)
     rows = plot_norms.main([str(tmp_path / "a"), str(tmp_path / "b"), "--policy=max_prob",
                             "--exit_unit=sequence", f"--out={tmp_path / 'fig.png'}"])
     (_, ax), = figures
@@ -775,6 +817,29 @@ def test_plotted_data_and_table_recomputed_from_the_files(tmp_path, monkeypatch)
     assert rows[1]["hidden_norm_K"] == b_log[-1]["hidden_norm"][-1]
     assert rows[1]["ppl"] == pytest.approx(ppl_b[-1]) and math.isnan(rows[1]["mean_loops"])
     assert rows[1]["ppl_per_depth"] == pytest.approx(ppl_b)
+
+
+
+def test_depth_map_figure_titles_the_mean_exit_loop(tmp_path, monkeypatch):
+    """plot_norms.py --depth_map: each run's row is titled with the mean of its tokens' exit
+    loops, computed here from eval.json's depth_map, and shades as many character cells as
+    the passage has characters."""
+    import plot_norms
+    g = torch.Generator().manual_seed(11)
+    tokens = list("to be, or not\nto be")
+    loops = torch.randint(1, 4, (len(tokens),), generator=g).tolist()
+    _, ev = write_run(tmp_path / "a", logged_config(), g)
+    ev["depth_map"] = {"policy": "entropy", "exit_unit": "token", "threshold": 1.0,
+                       "n_loops": 3, "ids": list(range(len(tokens))), "tokens": tokens,
+                       "exit_loop": loops, "sequence_length": 32}
+    (tmp_path / "a" / "eval.json").write_text(json.dumps(ev))
+    figures = figures_kept(monkeypatch)
+    plot_norms.plot_depth_map({str(tmp_path / "a"): plot_norms.load_run(str(tmp_path / "a"))},
+                              str(tmp_path / "depth.png"))
+    (_, axes), = figures
+    ax = axes[0, 0]
+    assert f"mean exit loop {sum(loops) / len(loops):.2f} of 3" in ax.get_title(loc="left")
+    assert len(ax.patches) == len(tokens)  # the newline shown as one cell
 
 
 # ---- the device clock and bench.py's figures that are not timings ----------------------------
