@@ -132,6 +132,33 @@ def test_log_values_recomputed_token_by_token(data_dir, tmp_path, monkeypatch):
         assert entry["hidden_norm"] != pytest.approx(expect["train_norm"], rel=1e-3)
 
 
+
+def test_log_elapsed_and_throughput_over_a_resume(data_dir, tmp_path, monkeypatch):
+    """"`elapsed`: seconds of training so far (summed over resumes)": a run of 2 steps resumed
+    for 2 more, with a clock that only a training forward pass moves (0.25 s), logs 0.5 s at
+    iter 2 and 1.0 s at iter 4, and at iter 4 a throughput of the 2 steps since iter 2 over
+    their 0.5 s (the time between the two processes not counted)."""
+    import train
+    clock = [100.0]
+    forward = LoopedGPT.forward
+
+    def timed(self, *args, **kw):
+        if self.training:
+            clock[0] += 0.25
+        return forward(self, *args, **kw)
+    monkeypatch.setattr(LoopedGPT, "forward", timed)
+    monkeypatch.setattr(train, "time", SimpleNamespace(time=lambda: clock[0]))
+    common = TINY + [f"--data_dir={data_dir}", "--dataset=tiny_char", f"--out_dir={tmp_path}",
+                     "--eval_interval=2", "--eval_iters=1"]
+    train.main(common + ["--max_iters=2"])
+    clock[0] += 1000.0  # the time between the two processes
+    train.main(common + ["--max_iters=4", "--init_from=resume"])
+    log = read_log(tmp_path)
+    assert [e["iter"] for e in log] == [0, 2, 4]
+    assert [e["elapsed"] for e in log] == pytest.approx([0.0, 0.5, 1.0])
+    assert log[2]["tokens_per_sec"] == pytest.approx(2 * 4 * 32 / 0.5)  # TINY: batch 4 x 32
+
+
 # ---- the training step against a reference step written plainly ---------------------------
 
 STEP_CASES = {  # option -> train.py flags (3 steps; TINY: lr 3e-3 after 2 warmup steps)
@@ -842,6 +869,19 @@ def test_depth_map_figure_titles_the_mean_exit_loop(tmp_path, monkeypatch):
     assert len(ax.patches) == len(tokens)  # the newline shown as one cell
 
 
+
+def test_fp16_warning_names_the_loop_and_its_rms():
+    """train.py's float16 warning: the loop of the largest ||h_k|| and its per-element RMS,
+    ||h_k|| / sqrt(n_embd) (||h||^2 is the sum of C squares), worked out by hand; no warning at
+    an RMS of 32 or less."""
+    from train import fp16_warning
+    msg = fp16_warning([100.0, 3000.0, 2000.0], n_embd=64)  # 3000 / 8 = 375
+    assert "||h_2|| = 3000 (per-element RMS 375)" in msg
+    msg = fp16_warning([40.0, 33.0 * 16], n_embd=256)  # 528 / 16 = 33
+    assert "||h_2|| = 528 (per-element RMS 33)" in msg
+    assert fp16_warning([10.0, 32.0 * 16], n_embd=256) is None
+
+
 # ---- the device clock and bench.py's figures that are not timings ----------------------------
 
 def test_synchronize_waits_for_every_name_of_a_gpu(monkeypatch):
@@ -882,27 +922,36 @@ class MatmulFlops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("supervision", ["per_loop", "terminal"])
-def test_flops_per_token_equals_the_matmuls_a_step_runs(supervision):
-    """model.flops_per_token (bench.py's model FLOPs, MFU and FLOP/s ratios) against the FLOPs
-    of the matrix products one training step runs, forward and backward, counted as they run
-    (MatmulFlops; attention on SDPA's math path so that its products are matmuls; the plain CE,
-    three matmuls an exit), per token: equal, once the norm gains are added at the convention's
-    6 FLOPs per weight use (they are no matmul: 2 RMSNorms a layer, n_layer layers, K loops)."""
+@pytest.mark.parametrize("case", ["per_loop", "terminal", "nanogpt"])
+def test_flops_per_token_equals_the_matmuls_a_step_runs(case):
+    """model.flops_per_token and bench.py's PlainGPT.flops_per_token (bench's model FLOPs, MFU
+    and FLOP/s ratios) against the FLOPs of the matrix products one training step runs, forward
+    and backward, counted as they run (MatmulFlops; attention on SDPA's math path so that its
+    products are matmuls; the plain CE, three matmuls an exit), per token: equal, once the norm
+    gains are added at the convention's 6 FLOPs per weight use (they are no matmul: the looped
+    model's 2 RMSNorms a layer in each of K loops; the plain GPT's LayerNorms)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from bench import PlainGPT
     from model import LoopedGPTConfig
     torch.manual_seed(0)
-    cfg = LoopedGPTConfig(vocab_size=37, block_size=16, n_layer=2, n_head=2, n_embd=16,
-                          n_loops=3, supervision=supervision, readout_ce="plain")
-    model = LoopedGPT(cfg).train()
+    if case == "nanogpt":
+        model = PlainGPT(vocab_size=37, block_size=16, n_layer=3, n_head=2, n_embd=16)
+        gains = sum(p.numel() for name, p in model.named_parameters() if ".ln_" in f".{name}")
+        assert gains == (2 * 3 + 1) * 16
+    else:
+        cfg = LoopedGPTConfig(vocab_size=37, block_size=16, n_layer=2, n_head=2, n_embd=16,
+                              n_loops=3, supervision=case, readout_ce="plain")
+        model = LoopedGPT(cfg)
+        gains = 2 * cfg.n_layer * cfg.n_embd * cfg.n_loops
+    model.train()
     x, y = torch.randint(37, (2, 2, 16))
     counter = MatmulFlops()
     with sdpa_kernel(SDPBackend.MATH), counter:
-        _, loss, _ = model(x, y, return_logits=False)
+        kw = {} if case == "nanogpt" else {"return_logits": False}  # as bench.py's step
+        _, loss, _ = model(x, y, **kw)
         loss.backward()
-    gains = 2 * cfg.n_layer * cfg.n_embd
-    assert model.flops_per_token() == counter.flops / x.numel() + 6 * gains * cfg.n_loops
+    assert model.flops_per_token() == counter.flops / x.numel() + 6 * gains
 
 
 def test_bench_report_arithmetic_by_hand(capsys):
