@@ -63,7 +63,7 @@ from configurator import read_preset
 from device import autocast, keep_freed_memory, peak_tflops, pick_dtype, synchronize
 from model import LoopedGPT, LoopedGPTConfig, ReadoutCE, chunk_rows, matmul_dtype
 from rundir import load_checkpoint, model_from_checkpoint, writable_parent
-from sample import generate
+from sample import early_exit_row, generate, paired
 from train import OPTIONS as TRAIN_OPTIONS
 
 try:
@@ -628,23 +628,6 @@ def time_generation(model, prompts, tokens, variants, rounds, device, clock="wal
             else:
                 first[name] = seconds
     return times, first, loops
-
-
-def paired(times, ref, name):
-    """The median over rounds of ref's time / name's time: name's speed-up over ref."""
-    return statistics.median(a / b for a, b in zip(times[ref], times[name]))
-
-
-def early_exit_row(times, loops, ref, name, K, tokens):
-    """A variant's tokens/s (median round), mean loops (over the rounds), speed-up over ref,
-    the ideal K / mean loops, and the speed-up's share of the ideal: the median over rounds of
-    each round's share, since the loops a round uses vary with its samples (a round that falls
-    into repeating one character exits early throughout)."""
-    mean_loops = statistics.mean(loops[name])
-    shares = [a / b / (K / m) for a, b, m in zip(times[ref], times[name], loops[name])]
-    return {"tokens_per_s": tokens / statistics.median(times[name]), "mean_loops": mean_loops,
-            "speed_up": paired(times, ref, name), "ideal": K / mean_loops,
-            "of_ideal": statistics.median(shares)}
 
 
 def bench_early_exit(cfg, explicit, device):

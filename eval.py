@@ -21,10 +21,11 @@ Evaluate a trained looped model on validation data, and write out_dir/eval.json.
   decoded by its own rule), the radial clamp in two modes, scale sensitivity, the spread of
   per-token norms; with per-depth PPL, the endpoint metrics (the CE gap ln PPL_1 - ln PPL_K).
 - speed (--run=speed, after depth; not part of all, so that it can be timed on a quiet
-  machine): what calibrated halting saves in wall-clock time. Tokens per second of generation
-  with the KV cache at batch 1 and 8, running all K loops against exiting at the threshold that
-  depth calibrated, beside the held-out PPL of each; and the compute-quality frontier, the
-  tokens per second of a full forward pass at each depth k = 1..K.
+  machine): what calibrated halting saves in time. Tokens per second of generation with the KV
+  cache at batch 1 and 8, running all K loops against exiting at the threshold that depth
+  calibrated, the mean loops used, the speed-up and the ideal one (K / mean loops), beside the
+  held-out PPL of each; and the compute-quality frontier, the tokens per second of a full
+  forward pass at each depth k = 1..K. On a CPU in one thread, timed by its CPU time.
 Exits are simulated on full sequences: every position runs all loops (so later tokens attend to
 deeper states of earlier ones) and each token's prediction is read at its own exit loop.
 
@@ -77,7 +78,8 @@ OPTIONS = {
                      "one diagnostic, all of these, or speed (after depth: generation tokens/s "
                      "at full depth and under calibrated halting)", one_of(*RUNS)),
     "new_tokens": (200, "speed: tokens generated per timed generation", at_least(1)),
-    "rounds": (3, "speed: timed generations of each kind (the median is reported)", at_least(1)),
+    "rounds": (5, "speed: timed rounds of each kind (the median is reported); on a CPU in one "
+                  "thread, timed by its CPU time", at_least(1)),
     "lemma2_loops": (30, "lemma2: loops the trained block is run for (paper: 30)", at_least(2)),
 }
 
@@ -511,47 +513,77 @@ def spread(model, batches, states=None, dtype="float32", bins=40):
 
 # ---- early exit in wall-clock time -----------------------------------------------------------
 
+def timer(device):
+    """The clock of a timing: on a CPU this thread's CPU time (--run=speed runs one thread: other
+    work on a shared machine stretches a wall clock, and not alike for the things compared);
+    the wall clock on a GPU, after a synchronize."""
+    return time.thread_time if device.type == "cpu" else time.perf_counter
+
+
 @torch.no_grad()
 def speed(model, data, halt, cfg, dtype="float32"):
     """Generation tokens/s with the KV cache, at batch 1 and 8: all K loops ("full") against
     exiting at the calibrated threshold of `halt` (eval.json's halting entry for cfg.policy per
     token; "exit"). Prompts are 32 tokens of `data` (held-out text); both kinds sample with the
-    same seeds. The rounds alternate full and exit, after one untimed warm-up of each, and the
-    median time is reported, with the mean loops the generated tokens used."""
-    from sample import generate
+    same seeds. The rounds alternate full and exit after an untimed warm-up of each; on a CPU
+    in one thread, timed by the thread's CPU time (other work on a shared machine stretches a
+    wall clock, and not alike for both kinds: see timer). Per batch: each kind's tokens/s
+    (median round) and mean loops (over the rounds), the exit's speed-up (the median of the
+    rounds' paired ratios), the ideal speed-up K / mean loops, and the speed-up's share of it."""
+    from sample import early_exit_row, generate
     device = model.lm_head.weight.device
+    clock = timer(device)
+    K = model.config.n_loops
     t = halt["threshold"]
     kinds = {"full": {}}
     if t is not None:  # None: no threshold met the target; halting runs all K loops
         kinds["exit"] = {"exit_policy": cfg.policy, "exit_threshold": t}
     out = {"policy": cfg.policy, "threshold": t, "new_tokens": cfg.new_tokens,
+           "clock": clock.__name__,
            "ppl": {"full": halt["ppl"] / halt["ratio"], "exit": halt["ppl"]}, "batch": {}}
     for b in SPEED_BATCHES:
         stride = max(1, (len(data) - 33) // b)
         prompts = torch.stack([torch.from_numpy(data[i * stride:i * stride + 32].astype("int64"))
                                for i in range(b)])
         times = {kind: [] for kind in kinds}
-        loops = {}
+        loops = {kind: [] for kind in kinds}
         for r in tqdm(range(cfg.rounds + 1), desc=f"speed, batch {b}", leave=False):
             for kind, how in kinds.items():
                 torch.manual_seed(r)
                 n = cfg.new_tokens if r else min(cfg.new_tokens, 8)  # round 0 warms up
                 synchronize(device)
-                start = time.perf_counter()
+                start = clock()
                 with amp(model, dtype):
                     _, used = generate(model, prompts, n, **how)
                 synchronize(device)
                 if r:
-                    times[kind].append(time.perf_counter() - start)
-                    loops[kind] = used.float().mean().cpu().item()  # read on the CPU
-        out["batch"][str(b)] = {kind: {"tokens_per_s": b * cfg.new_tokens / statistics.median(ts),
-                                       "mean_loops": loops[kind]}
-                                for kind, ts in times.items()}
-    if "exit" not in kinds:  # the exit kind is the full one
+                    times[kind].append(clock() - start)
+                    loops[kind].append(used.float().mean().cpu().item())  # read on the CPU
+        tokens = b * cfg.new_tokens
+        row = {kind: early_exit_row(times, loops, "full", kind, K, tokens) for kind in kinds}
+        exit_row = row.get("exit", row["full"])  # no threshold: the exit kind is the full one
+        out["batch"][str(b)] = {
+            kind: {"tokens_per_s": row.get(kind, exit_row)["tokens_per_s"],
+                   "mean_loops": row.get(kind, exit_row)["mean_loops"]}
+            for kind in ("full", "exit")} | {
+            "speed_up": exit_row["speed_up"], "ideal": exit_row["ideal"],
+            "of_ideal": exit_row["of_ideal"]}
+    if "exit" not in kinds:
         out["ppl"]["exit"] = out["ppl"]["full"]
-        for b in out["batch"].values():
-            b["exit"] = b["full"]
     return out
+
+
+def print_speed(s, K):
+    t = "none" if s["threshold"] is None else f"{s['threshold']:.4g}"
+    print(f"generation with the KV cache, {s['new_tokens']} tokens ({s['clock']}): all {K} "
+          f"loops vs {s['policy']} {EXIT_POLICIES[s['policy']]} {t} (calibrated)")
+    print(f"{'batch':>5} {'full tok/s':>11} {'exit tok/s':>11} {'loops used':>11} {'speed-up':>9} "
+          f"{'ideal':>7} {'of ideal':>9}   held-out PPL {s['ppl']['full']:.3f} -> "
+          f"{s['ppl']['exit']:.3f}")
+    for b, r in s["batch"].items():
+        print(f"{b:>5} {r['full']['tokens_per_s']:>11.1f} {r['exit']['tokens_per_s']:>11.1f} "
+              f"{r['exit']['mean_loops']:>7.2f}/{K} {r['speed_up']:>8.2f}x {r['ideal']:>6.2f}x "
+              f"{r['of_ideal']:>9.2f}")
 
 
 @torch.no_grad()
@@ -562,11 +594,12 @@ def frontier(model, x, ppl, rounds, dtype="float32"):
     depths alternate round by round after an untimed warm-up; the median round counts."""
     K = model.config.n_loops
     device = x.device
+    clock = timer(device)
     times = {k: [] for k in range(1, K + 1)}
     for r in tqdm(range(rounds + 1), desc="frontier", leave=False):
         for k in times:
             synchronize(device)
-            start = time.perf_counter()
+            start = clock()
             with amp(model, dtype):
                 h = model.embed(x)
                 for j in range(1, k + 1):
@@ -574,21 +607,9 @@ def frontier(model, x, ppl, rounds, dtype="float32"):
                 model.readout(h, k)
             synchronize(device)
             if r:
-                times[k].append(time.perf_counter() - start)
+                times[k].append(clock() - start)
     return {"k": list(times), "batch_size": x.size(0), "ppl": ppl[:K],
             "tokens_per_s": [x.numel() / statistics.median(ts) for ts in times.values()]}
-
-
-def print_speed(s, K):
-    t = "none" if s["threshold"] is None else f"{s['threshold']:.4g}"
-    print(f"generation with the KV cache, {s['new_tokens']} tokens: all {K} loops vs "
-          f"{s['policy']} {EXIT_POLICIES[s['policy']]} {t} (calibrated)")
-    print(f"{'batch':>5} {'full tok/s':>11} {'exit tok/s':>11} {'speed-up':>9} "
-          f"{'loops used':>11}   held-out PPL {s['ppl']['full']:.3f} -> {s['ppl']['exit']:.3f}")
-    for b, r in s["batch"].items():
-        up = r["exit"]["tokens_per_s"] / r["full"]["tokens_per_s"]
-        print(f"{b:>5} {r['full']['tokens_per_s']:>11.1f} {r['exit']['tokens_per_s']:>11.1f} "
-              f"{up:>8.2f}x {r['exit']['mean_loops']:>7.2f}/{K}")
 
 
 def print_frontier(f):
@@ -740,11 +761,15 @@ def main(argv=None):
             die(f"{path} has no calibrated halting yet; run eval.py --run=depth (or all) on "
                 f"{cfg.out_dir} first")
         held_data = data["val"][len(data["val"]) // 2:]  # split_batches' held-out half
+        threads = torch.get_num_threads()
+        if device.startswith("cpu"):  # one thread, as the clock (timer) counts one
+            torch.set_num_threads(1)
         out["speed"] = speed(model, held_data, out["halting"]["token"][cfg.policy], cfg, dtype)
         save()
         x = windows(data["val"], bsz, bsz, run["block_size"], device)[0][0]
         out["frontier"] = frontier(model, x, out["per_depth"]["ppl"], cfg.rounds, dtype)
         save()
+        torch.set_num_threads(threads)
         print_speed(out["speed"], K)
         print_frontier(out["frontier"])
     if cfg.run in ("depth", "all"):

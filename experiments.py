@@ -377,8 +377,8 @@ def speed_row(speeds):
         runs = [s["batch"][b] for s in speeds]
         out["batch"][b] = {f"{kind}_{what}": spread([r[kind][what] for r in runs])
                            for kind in ("full", "exit") for what in ("tokens_per_s", "mean_loops")}
-        out["batch"][b]["speed_up"] = spread([r["exit"]["tokens_per_s"] / r["full"]["tokens_per_s"]
-                                              for r in runs])
+        for what in ("speed_up", "ideal", "of_ideal"):
+            out["batch"][b][what] = spread([r[what] for r in runs])
     return out
 
 
@@ -506,13 +506,15 @@ def print_conditions(rows, policy="logit_margin"):
         print(f"\nearly exit in wall-clock time: generation with the KV cache, {s['new_tokens']} "
               f"tokens, all K loops vs calibrated halting ({s['policy']} per token)")
         print(f"{'run':<22} {'batch':>5} {'full tok/s':>13} {'exit tok/s':>13} {'speed-up':>13} "
-              f"{'loops used':>11} {'PPL full':>13} {'PPL exit':>13}")
+              f"{'loops used':>11} {'ideal':>6} {'of ideal':>13} {'PPL full':>13} "
+              f"{'PPL exit':>13}")
         for r in fast:
             for b, x in r["speed"]["batch"].items():
                 print(f"{r['run']:<22} {b:>5} {pm(x['full_tokens_per_s'], '{:.0f}'):>13} "
                       f"{pm(x['exit_tokens_per_s'], '{:.0f}'):>13} "
                       f"{pm(x['speed_up'], '{:.2f}') + 'x':>13} "
-                      f"{pm(x['exit_mean_loops'], '{:.2f}'):>11} "
+                      f"{pm(x['exit_mean_loops'], '{:.2f}'):>11} {x['ideal']['mean']:>5.2f}x "
+                      f"{pm(x['of_ideal'], '{:.2f}'):>13} "
                       f"{pm(r['speed']['ppl']['full']):>13} {pm(r['speed']['ppl']['exit']):>13}")
 
 

@@ -109,7 +109,8 @@ fi
 for seed in $(seq 1 "$SEEDS"); do
   for c in "${CONDITIONS[@]}"; do
     read -r name _ <<< "$c"
-    OMP_NUM_THREADS=1 "$PY" eval.py --run=speed --new_tokens="$SPEED_TOKENS" --out_dir="$OUT/seed$seed/$name" \
+    OMP_NUM_THREADS=1 "$PY" eval.py --run=speed --new_tokens="$SPEED_TOKENS" \
+      --out_dir="$OUT/seed$seed/$name" \
       >> "$OUT/seed$seed/$name.txt" 2>&1 \
       || { echo "speed of $OUT/seed$seed/$name failed; see $OUT/seed$seed/$name.txt"; exit 1; }
   done

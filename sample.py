@@ -17,6 +17,7 @@ and adaptive exit, where each token stops at the first loop whose readout is sur
 import math
 import os
 import re
+import statistics
 import sys
 
 import torch
@@ -388,6 +389,25 @@ def compiled_steps(backend="inductor"):
         _COMPILED[backend] = tuple(torch.compile(fn, backend=backend, mode=mode, dynamic=False)
                                    for fn in (fixed_loop, exit_loop))
     return _COMPILED[backend]
+
+
+# ---- what early exit saves, measured (eval.py --run=speed, bench.py --generation) --------
+
+def paired(times, ref, name):
+    """The median over rounds of ref's time / name's time: name's speed-up over ref."""
+    return statistics.median(a / b for a, b in zip(times[ref], times[name]))
+
+
+def early_exit_row(times, loops, ref, name, K, tokens):
+    """A variant's tokens/s (median round), mean loops (over the rounds), speed-up over ref,
+    the ideal K / mean loops, and the speed-up's share of the ideal: the median over rounds of
+    each round's share, since the loops a round uses vary with its samples (a round that falls
+    into repeating one character exits early throughout)."""
+    mean_loops = statistics.mean(loops[name])
+    shares = [a / b / (K / m) for a, b, m in zip(times[ref], times[name], loops[name])]
+    return {"tokens_per_s": tokens / statistics.median(times[name]), "mean_loops": mean_loops,
+            "speed_up": paired(times, ref, name), "ideal": K / mean_loops,
+            "of_ideal": statistics.median(shares)}
 
 
 # ---- showing the depth of each token -------------------------------------------------------

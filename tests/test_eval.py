@@ -767,7 +767,7 @@ def test_speed_reports_the_median_of_the_timed_rounds(tiny_runs, monkeypatch):
         used = torch.full((idx.size(0), n), 1 if exit_policy else K)
         return idx, used
     monkeypatch.setattr(sample, "generate", fake_generate)
-    monkeypatch.setattr(eval_script.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(eval_script.time, "thread_time", lambda: clock[0])  # a CPU's clock
     cfg = SimpleNamespace(policy="logit_margin", new_tokens=20, rounds=3)
     halt = {"threshold": 2.5, "mean_loops": 1.5, "ppl": 10.1, "ratio": 1.01}
     data = torch.arange(500).numpy()
@@ -777,6 +777,9 @@ def test_speed_reports_the_median_of_the_timed_rounds(tiny_runs, monkeypatch):
         assert out["batch"][b]["exit"]["tokens_per_s"] == pytest.approx(int(b) / (0.001 * 1.2))
         assert out["batch"][b]["full"]["mean_loops"] == K
         assert out["batch"][b]["exit"]["mean_loops"] == 1
+        # each round's exit took a third of its full round: 3x, against an ideal of K / 1
+        assert out["batch"][b]["speed_up"] == pytest.approx(3.0)
+        assert out["batch"][b]["ideal"] == K and out["batch"][b]["of_ideal"] == pytest.approx(3 / K)
     assert out["ppl"] == {"full": pytest.approx(10.0), "exit": 10.1}
     # no threshold met the target: halting runs all K loops, so "exit" is the full kind
     calls["full"] = 0
@@ -817,6 +820,11 @@ def test_speed_on_device(kind, tiny_runs, data_dir, monkeypatch):
     nothing is read back but through the CPU (and generation's one exit check, answered here)."""
     import sample
     monkeypatch.setattr(sample, "who_exited", lambda done: (False, True))
+    # the stand-in's values are zeros (0 loops used): the arithmetic of the row, value-tested
+    # on the CPU above, is given loops a real run could use
+    row = sample.early_exit_row
+    monkeypatch.setattr(sample, "early_exit_row", lambda times, loops, ref, name, K, tokens: row(
+        times, {k: [1.0] * len(v) for k, v in loops.items()}, ref, name, K, tokens))
     model, ckpt = load_model(tiny_runs["scale_visible"])
     data, _ = load_data(data_dir, ckpt["config"]["dataset"], ckpt["config"]["block_size"])
     cfg = SimpleNamespace(policy="logit_margin", new_tokens=4, rounds=1)

@@ -282,8 +282,12 @@ def halting_of(loops, ratio):
 
 
 def speed_of(full, exit_, loops):
+    # eval.json's speed-up is the median of paired rounds, not a ratio of the medians: made
+    # different here, so that a table that recomputed it from tokens/s would fail
     batch = {"full": {"tokens_per_s": full, "mean_loops": 3.0},
-             "exit": {"tokens_per_s": exit_, "mean_loops": loops}}
+             "exit": {"tokens_per_s": exit_, "mean_loops": loops},
+             "speed_up": exit_ / full + 0.01, "ideal": 3.0 / loops,
+             "of_ideal": (exit_ / full + 0.01) / (3.0 / loops)}
     return {"policy": "logit_margin", "threshold": 1.0, "new_tokens": 200,
             "ppl": {"full": 10.0, "exit": 10.1}, "batch": {"1": batch, "8": batch}}
 
@@ -303,7 +307,10 @@ def test_tables_over_seeds_are_mean_and_sample_std():
     assert row["run"] == "rmsnorm" and row["seeds"] == 2
     for got, values in ((row["hidden_norm_K"], [3000, 2000]), (row["ppl"], [10.0, 10.6]),
                         (row["ppl_per_depth"][1], [11.0, 11.2]), (row["mean_loops"], [2.0, 2.5]),
-                        (row["speed"]["batch"]["8"]["speed_up"], [1.5, 130 / 110])):
+                        (row["speed"]["batch"]["8"]["speed_up"], [1.51, 130 / 110 + 0.01]),
+                        (row["speed"]["batch"]["8"]["ideal"], [1.5, 1.2]),
+                        (row["speed"]["batch"]["8"]["of_ideal"],
+                         [1.51 / 1.5, (130 / 110 + 0.01) / 1.2])):
         assert got["mean"] == pytest.approx(np.mean(values))
         assert got["std"] == pytest.approx(np.std(values, ddof=1))
 
