@@ -90,9 +90,9 @@ def loss_weights(supervision, K):
     (else a one-line ValueError naming the entry)."""
     try:
         weights = [float(SUPERVISIONS[supervision].weight(k, K)) for k in range(1, K + 1)]
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # a fork's rule may raise anything (1 / (K - loop)): one line
         raise ValueError(f"supervision {supervision!r}: its weight(loop, K) failed for K={K} "
-                         f"({e}); it must return a number") from None
+                         f"({type(e).__name__}: {e}); it must return a number") from None
     if not all(0 <= w < math.inf for w in weights) or not any(w > 0 for w in weights):
         raise ValueError(f"supervision {supervision!r} gives the weights {weights} for K={K} "
                          f"loops; each must be a finite number >= 0, and one must be > 0")
@@ -452,9 +452,9 @@ class LoopedGPT(nn.Module):
         entry = READOUTS[self.config.readout]
         norm = None
         if entry.norm:  # a fresh one of the same kind, holding these weights (through the CPU)
-            norm = entry.norm(self.config)
+            norm = entry.norm(self.config).to(dtype)  # in dtype first: loading keeps every bit
             norm.load_state_dict({k: v.cpu() for k, v in self.readout_norm.state_dict().items()})
-            norm = norm.to(device, dtype).eval()
+            norm = norm.to(device).eval()
         w = self.lm_head.weight.detach().cpu().to(device, dtype)
         K = self.config.n_loops
         return lambda h, loop: F.linear(entry.decode(norm, h, loop, K), w)

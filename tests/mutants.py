@@ -26,8 +26,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MUTANTS = [
     # model.py: the mechanism and the losses
     ("model-loop-norm-every-loop", "model.py",
-     "if k > 1 and self.loop_rmsnorm is not None:",
-     "if self.loop_rmsnorm is not None:", "test_model.py"),
+     "if k > 1 and self.loop_rmsnorm is not None:\n            h = self.loop_rmsnorm(h)",
+     "if self.loop_rmsnorm is not None:\n            h = self.loop_rmsnorm(h)", "test_model.py"),
+    ("model-readout-copy-rounds-to-float32", "model.py",
+     "norm = entry.norm(self.config).to(dtype)", "norm = entry.norm(self.config)",
+     "test_model.py"),
     ("model-readout-ignores-loop", "model.py",
      "return READOUTS[self.config.readout].decode(self.readout_norm, h, loop, K)",
      "return READOUTS[self.config.readout].decode(self.readout_norm, h, K, K)",
@@ -196,9 +199,11 @@ MUTANTS = [
      "math.sqrt(C * norm_eps(norm, a.c_proj.weight.dtype))",
      "math.sqrt(norm_eps(norm, a.c_proj.weight.dtype))", "test_sample.py"),
     # eval.py --run=speed, experiments.py over seeds, reproduce.sh
-    ("eval-speed-mean-not-median", "eval.py",
-     "b * cfg.new_tokens / statistics.median(ts)", "b * cfg.new_tokens / statistics.mean(ts)",
+    ("eval-speed-mean-not-median", "sample.py",
+     "tokens / statistics.median(times[name])", "tokens / statistics.mean(times[name])",
      "test_eval.py"),
+    ("eval-speed-share-of-ideal-inverted", "sample.py",
+     "shares = [a / b / (K / m)", "shares = [b / a / (K / m)", "test_eval.py"),
     ("eval-speed-times-the-warm-up", "eval.py",
      "                if r:\n                    times[kind]",
      "                if True:\n                    times[kind]", "test_eval.py"),

@@ -71,17 +71,21 @@ def readout_cases():
 
 @pytest.mark.parametrize("readout,knobs", readout_cases())
 def test_every_readout_hides_the_scale_exactly_where_it_declares(readout, knobs):
-    """Measured, for every entry of READOUTS: at loops k = 1..2K (the rule is called past K),
-    the logits of c * h_k equal those of h_k for every c > 0 exactly where the entry declares
+    """Measured, for every entry of READOUTS: at loops k = 1..3K (the rule is called past K:
+    eval.py runs up to 3K loops, sample.py any number), and at loops 4K, 10K and 100K, the
+    logits of c * h_k equal those of h_k for every c > 0 exactly where the entry declares
     hides_scale, and (Lemma 1, through the model in float64) the gradient of the CE with
     respect to h_k is then orthogonal to h_k, and clearly not where it shows the scale. A fork's
     new readout gets these verdicts for free."""
     model = tiny(readout=readout, **knobs).double().eval()
+    K = model.config.n_loops
     idx, tgt = batch()
     with torch.no_grad():
-        states = model.loop_states(idx, n_loops=6)
-    for k, h in enumerate(states, start=1):
-        declared = READOUTS[readout].hides_scale(model.config, k, 3)
+        states = model.loop_states(idx, n_loops=3 * K)
+    # the rule depends on the loop's number, not on how h got there: far loops reuse the last h
+    loops = list(enumerate(states, start=1)) + [(m * K, states[-1]) for m in (4, 10, 100)]
+    for k, h in loops:
+        declared = READOUTS[readout].hides_scale(model.config, k, K)
         # RMS 3 per token: a norm's eps (1e-6) bends the identity only at tiny scales
         h = 3 * h / h.pow(2).mean(-1, keepdim=True).sqrt()
         with torch.no_grad():
@@ -169,6 +173,7 @@ def test_the_papers_supervisions_are_the_mean_and_the_last_exit():
     (lambda loop, K: -1.0 if loop == 1 else 1.0, "-1.0"),
     (lambda loop, K: float("nan"), "nan"),
     (lambda loop, K: "heavy", "must return a number"),
+    (lambda loop, K: 1 / (K - loop), "ZeroDivisionError"),
 ])
 def test_a_supervision_with_bad_weights_is_refused_in_one_line(weight, words, monkeypatch):
     """A supervision's weights are checked when the config is built (finite, >= 0, one > 0 for
@@ -673,11 +678,43 @@ def test_every_knob_refuses_its_declared_bad_values(f):
             LoopedGPTConfig(**base, **{f.name: bad})
         msg = str(e.value)
         assert f"{f.name}={bad!r}" in msg and len(msg.splitlines()) == 1, msg
+    if isinstance(f.default, float):  # the command line refuses these first; Python too
+        for bad in (math.nan, math.inf, -math.inf):
+            with pytest.raises(ValueError):
+                LoopedGPTConfig(**base, **{f.name: bad})
     other = valid_other_value(f, base)
     if owner:
         with pytest.raises(ValueError) as e:
             LoopedGPTConfig(**{f.name: other})
         assert f"{f.name}={other!r} applies only with {owner[0]}={owner[1]}" in str(e.value)
+
+
+@pytest.mark.parametrize("f", fields(LoopedGPTConfig), ids=lambda f: f.name)
+def test_every_knob_reaches_the_float64_readout_copy(f):
+    """Lemma 1 decodes with model.readout_copy, which calls the readout's entry directly. With
+    each knob at a value other than its default (for every readout it applies to), the copy's
+    logits equal model.readout's at every loop 1..2K: a knob wired into LoopedGPT.readout
+    alone, where the copy cannot see it, fails here."""
+    if f.name == "readout":
+        return  # every readout is taken below
+    owner = f.metadata["applies"]
+    readouts = [owner[1]] if owner and owner[0] == "readout" else list(READOUTS)
+    for readout in readouts:
+        base = {"readout": readout} | ({owner[0]: owner[1]} if owner else {})
+        other = valid_other_value(f, base)
+        if f.name in ("vocab_size", "block_size", "n_embd", "n_head"):
+            continue  # sizes: tiny's own values are the test's, any other only resizes
+        model = tiny(**base, **{f.name: other}).double().eval()
+        with torch.no_grad():  # move every parameter off its init (gains of 1, alpha 0.5)
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        copy = model.readout_copy("cpu", torch.float64)
+        K = model.config.n_loops
+        h = torch.randn(2, 5, model.config.n_embd, dtype=torch.float64)
+        with torch.no_grad():
+            for k in range(1, 2 * K + 1):
+                assert torch.allclose(copy(h, k), model.readout(h, k), rtol=1e-9, atol=1e-9), (
+                    f.name, other, readout, k)
 
 
 def alpha_model(**kw):
