@@ -435,3 +435,11 @@ def test_endpoint_table_and_correlation_recomputed():
     assert c["the four core conditions"]["n"] == 4
     assert c["the four core conditions"]["pearson"] == pytest.approx(
         np.corrcoef(xs[:4], ys[:4])[0, 1], rel=1e-12)
+
+    def ranks(v):  # 1..n by size, tied values (the floored fractions) sharing their mean rank
+        v = np.asarray(v)
+        return np.array([(v < x).sum() + ((v == x).sum() + 1) / 2 for x in v])
+    assert c["all runs"]["spearman"] == pytest.approx(
+        np.corrcoef(ranks(xs), ranks(ys))[0, 1], rel=1e-12)
+    assert c["the four core conditions"]["spearman"] == pytest.approx(
+        np.corrcoef(ranks(xs[:4]), ranks(ys[:4]))[0, 1], rel=1e-12)

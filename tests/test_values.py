@@ -1198,11 +1198,12 @@ def test_speed_up_is_the_median_of_the_rounds_paired_ratios():
     K / mean loops and the share of it the median of each round's speed-up / its ideal."""
     from sample import early_exit_row
     times = {"full": [1.0, 5.0, 9.0], "exit": [2.0, 3.0, 1.0]}
-    loops = {"full": [6.0, 6.0, 6.0], "exit": [2.0, 3.0, 4.0]}
+    loops = {"full": [6.0, 6.0, 6.0], "exit": [2.0, 4.0, 3.0]}
     row = early_exit_row(times, loops, "full", "exit", 6, 100)
     assert row["speed_up"] == pytest.approx(5 / 3)  # median of 0.5, 5/3, 9 (medians: 5 / 2)
     assert row["ideal"] == pytest.approx(2.0) and row["mean_loops"] == pytest.approx(3.0)
-    assert row["of_ideal"] == pytest.approx((5 / 3) / 2)  # median of 1/6, 5/6, 6
+    # each round over its own ideal: median of 0.5 / 3, (5/3) / 1.5, 9 / 2 (not (5/3) / 2)
+    assert row["of_ideal"] == pytest.approx((5 / 3) / 1.5)
     assert row["tokens_per_s"] == pytest.approx(100 / 2.0)
 
 
@@ -1225,3 +1226,89 @@ def test_bench_ragged_speed_is_dense_time_over_ragged_time(monkeypatch, capsys):
     assert table and all(r["ragged_speed"] == pytest.approx(2.0)
                          for row in table.values() for r in row.values())
     assert "2.00x" in capsys.readouterr().out
+
+
+# ---- a third round: numbers that are only printed ------------------------------------------
+
+def test_nonfinite_message_names_the_first_loop_that_overflowed():
+    """The non-finite loss line names the first loop whose ||h_k|| is not finite, 1-based, with
+    that loop's norm; with every state finite, the first trained exit whose CE is not."""
+    import train
+    msg = train.nonfinite_message(5, [1.0, 2.0, 3.0], [10.0, math.inf, math.inf], [1, 2, 3], "c")
+    assert "(loop 2, ||h_2|| = inf)" in msg and "iter 5" in msg
+    msg = train.nonfinite_message(7, [1.0, 2.0, math.nan], [10.0, 20.0, 30.0], [3], "c")
+    assert "(loop 3, ||h_3|| = 30)" in msg
+
+
+def test_evaluation_line_prints_the_logged_val_ce_and_norms(data_dir, tmp_path, monkeypatch):
+    """train.py's line at each evaluation: 'val CE per loop' is the log entry's val_loop_ce (not
+    its train_loop_ce) at 3 decimals, and '||h_k||' its hidden_norm at 3 digits."""
+    import train
+    lines = []
+    monkeypatch.setattr(train.tqdm, "write", lambda text, *args, **kw: lines.append(text))
+    train.main(TINY + [f"--data_dir={data_dir}", "--dataset=tiny_char", f"--out_dir={tmp_path}",
+                       "--max_iters=2", "--eval_interval=2"])
+    log = read_log(tmp_path)
+    printed = [t for t in lines if t.startswith("iter ")]
+    assert len(printed) == len(log) == 2
+    for text, e in zip(printed, log):
+        ces = " ".join(f"{c:.3f}" for c in e["val_loop_ce"])
+        norms = " ".join(f"{n:.3g}" for n in e["hidden_norm"])
+        assert text.startswith(f"iter {e['iter']}: val CE per loop {ces} | ||h_k|| {norms} |")
+        assert e["val_loop_ce"] != e["train_loop_ce"]
+
+
+def test_print_speed_shows_full_then_exit(capsys):
+    """eval.py's speed table: 'held-out PPL full -> exit', and per batch each kind's tokens/s,
+    the loops used, the speed-up, the ideal and its share, from eval.json's speed entry."""
+    from eval import print_speed
+    row = {"full": {"tokens_per_s": 400.0, "mean_loops": 6.0},
+           "exit": {"tokens_per_s": 600.0, "mean_loops": 2.5},
+           "speed_up": 1.5, "ideal": 2.4, "of_ideal": 0.625}
+    print_speed({"policy": "logit_margin", "threshold": 2.0, "new_tokens": 200,
+                 "clock": "thread_time", "ppl": {"full": 10.0, "exit": 10.1},
+                 "batch": {"1": row}}, 6)
+    out = capsys.readouterr().out
+    assert "held-out PPL 10.000 -> 10.100" in out
+    assert out.splitlines()[-1].split() == ["1", "400.0", "600.0", "2.50/6", "1.50x", "2.40x",
+                                            "0.62"]
+
+
+def test_depth_map_legend_names_loops_1_to_K_in_their_shades(tmp_path, monkeypatch):
+    """The depth map's legend: 'exit at loop k' for k = 1..K, each beside the shade of loop k."""
+    import matplotlib.pyplot as plt
+    import plot_norms
+    g = torch.Generator().manual_seed(5)
+    _, ev = write_run(tmp_path / "a", logged_config(), g)
+    ev["depth_map"] = {"policy": "entropy", "exit_unit": "token", "threshold": 1.0,
+                       "n_loops": 3, "ids": [0, 1, 2], "tokens": list("abc"),
+                       "exit_loop": [1, 2, 3], "sequence_length": 32}
+    (tmp_path / "a" / "eval.json").write_text(json.dumps(ev))
+    figures = figures_kept(monkeypatch)
+    plot_norms.plot_depth_map({str(tmp_path / "a"): plot_norms.load_run(str(tmp_path / "a"))},
+                              str(tmp_path / "depth.png"))
+    (fig, _), = figures
+    legend = fig.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == [f"exit at loop {k}" for k in (1, 2, 3)]
+    cmap = plt.get_cmap("YlOrRd")
+    swatches = [tuple(h.get_facecolor()) for h in legend.legend_handles]
+    assert swatches == [pytest.approx(tuple(cmap(0.1 + 0.85 * (k - 1) / 2))) for k in (1, 2, 3)]
+
+
+def test_bench_report_prints_the_figures_it_returns(capsys):
+    """bench.report's table: each case's tokens/s, step time in ms, model GFLOP/s, MFU and the
+    ratio to nanogpt, printed as computed (the terminal case: 3.0e6 FLOPs x 1000 tokens/s =
+    3.00 GFLOP/s, 3.0% of a 1e11 peak)."""
+    import bench
+    results = [{"case": "terminal", "step_s": 0.30, "tokens_per_sec": 1000.0,
+                "flops_per_token": 3.0e6, "peak_mem_bytes": 5e8},
+               {"case": "nanogpt", "step_s": 0.20, "tokens_per_sec": 1500.0,
+                "flops_per_token": 2.0e6, "peak_mem_bytes": 3e8}]
+    bench.report(results, "gpt2", 1e11, {})
+    rows = {}
+    for line in capsys.readouterr().out.splitlines():  # the table's rows come first
+        if line.split() and line.split()[0] in ("terminal", "nanogpt"):
+            rows.setdefault(line.split()[0], line.split())
+    assert rows["terminal"][1:3] == ["1,000", "300.0"]
+    assert rows["terminal"][-3:] == ["3.00", "3.0%", "1.00x"]
+    assert rows["nanogpt"][-3:] == ["3.00", "3.0%", "1.00x"]
