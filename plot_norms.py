@@ -225,7 +225,7 @@ def plot(runs, out):
     for (i, j), command in need.items():
         if not ax[i, j].has_data():
             hint(ax[i, j], f"no data yet; fill it with\n{command}")
-    for a in (ax[1, 0], ax[1, 1]):  # PPL over orders of magnitude (an untrained exit) reads in log
+    for a in (ax[1, 0], ax[1, 1], ax[2, 2]):  # PPL over orders of magnitude (an untrained exit)
         ys = [y for line in a.get_lines() for y in line.get_ydata() if y > 0]
         if ys and max(ys) > 3 * min(ys):
             a.set_yscale("log")

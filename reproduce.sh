@@ -13,7 +13,7 @@
 #   SEEDS=3 ITERS=500 JOBS=2 RUNS="rmsnorm penalty" bash reproduce.sh [out_folder] [train flags]
 # Defaults: SEEDS=1, ITERS=500, JOBS=the number of cores, RUNS=all ten, PYTHON=python,
 # SPEED_TOKENS=200 (tokens per timed generation), out_folder=out/repro. On 2 cores one seed
-# takes about 17 minutes. A run replaces the one of the same name there. Two one-thread runs at
+# takes about 35 minutes. A run replaces the one of the same name there. Two one-thread runs at
 # once beat one two-thread run after the other on 2 cores (two 300-step runs, twice: 112 and
 # 121 s against 136 and 153 s).
 set -euo pipefail

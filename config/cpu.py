@@ -1,5 +1,5 @@
 # The CPU demo: Shakespeare characters, a 2-layer block (128 wide, 4 heads) looped K=6 times,
-# 800 steps of batch 8 x 128 characters at lr 6e-3: the blind spot in about 3 minutes on 2 cores.
+# 800 steps of batch 8 x 128 characters at lr 6e-3: the blind spot in about 8 minutes on one core.
 #   python prepare.py && python train.py config/cpu.py
 dataset = "shakespeare_char"
 n_layer = 2
