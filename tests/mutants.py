@@ -404,6 +404,20 @@ MUTANTS = [
      "{r['model_flops_per_sec'] / 1e9:>14.2f}",
      "{r['model_flops_per_sec'] / 1e6:>14.2f}",
      'test_values.py::test_bench_report_prints_the_figures_it_returns test_bench.py'),
+    # value mutants, fourth round (#33): six more planted afresh by a reviewer; the three the
+    # suite missed (printed tables), each caught by the test named first
+    ('experiments-printed-radial-1-is-K', 'experiments.py',
+     "{r['ce_gap']['mean']:>8.3f} {r['radial_fraction_1']['mean']:>9.2g} ",
+     "{r['ce_gap']['mean']:>8.3f} {r['radial_fraction_K']['mean']:>9.2g} ",
+     'test_values.py::test_printed_endpoint_table_is_the_rows_it_returns'),
+    ('plots-printed-ppl-at-loop-1', 'plot_norms.py',
+     "{last['hidden_norm'][-1]:9.4g} {ppl_k[-1]:7.3f}  ",
+     "{last['hidden_norm'][-1]:9.4g} {ppl_k[0]:7.3f}  ",
+     'test_values.py::test_printed_plot_table_is_the_rows_it_returns'),
+    ('prepare-printed-val-is-train', 'prepare.py',
+     "val {meta['val_tokens']:,} ",
+     "val {meta['train_tokens']:,} ",
+     'test_values.py::test_prepare_prints_the_token_counts_it_wrote'),
 ]
 
 

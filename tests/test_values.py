@@ -1312,3 +1312,56 @@ def test_bench_report_prints_the_figures_it_returns(capsys):
     assert rows["terminal"][1:3] == ["1,000", "300.0"]
     assert rows["terminal"][-3:] == ["3.00", "3.0%", "1.00x"]
     assert rows["nanogpt"][-3:] == ["3.00", "3.0%", "1.00x"]
+
+
+# ---- a fourth round: the printed tables of experiments.py, plot_norms.py and prepare.py -----
+
+def test_printed_endpoint_table_is_the_rows_it_returns(capsys):
+    """experiments.py's endpoint table, printed: each row's PPL at 1 and K, CE gap, radial
+    fraction at 1 and at K and ||h_K||, in that order, are the returned row's means."""
+    from experiments import endpoint, print_endpoint
+    runs = [{"run": "rmsnorm", "replicate": "seed1", "config": logged_config(),
+             "ppl": [23.0, 17.0, 11.0], "hidden_norm": [5.0, 50.0, 500.0],
+             "endpoint": {"ce_gap": math.log(23 / 11),
+                          "radial_fraction": {"loop": [1, 3], "mean_abs_cos": [0.4, 0.02]}}}]
+    e = endpoint(runs)
+    print_endpoint(e)
+    (row,) = e["rows"]
+    line = next(t for t in capsys.readouterr().out.splitlines() if t.startswith("rmsnorm "))
+    got = line.split()[3:9]
+    assert got == [f"{row['ppl_1']['mean']:.3f}", f"{row['ppl_K']['mean']:.3f}",
+                   f"{row['ce_gap']['mean']:.3f}", f"{0.4:.2g}", f"{0.02:.2g}", f"{500.0:.4g}"]
+
+
+def test_printed_plot_table_is_the_rows_it_returns(tmp_path, monkeypatch, capsys):
+    """plot_norms.py's printed table: for each run ||h_K||, PPL at K, mean loops and PPL at
+    k = 1..K, read from the end of its line, equal the returned row and the run's files."""
+    import plot_norms
+    g = torch.Generator().manual_seed(9)
+    log, ev = write_run(tmp_path / "a", logged_config(), g)
+    figures_kept(monkeypatch)
+    (row,) = plot_norms.main([str(tmp_path / "a"), f"--out={tmp_path / 'fig.png'}"])
+    line = next(t for t in capsys.readouterr().out.splitlines() if t.startswith("a "))
+    fields = line.split()
+    K = 3
+    ppl_k = ev["per_depth"]["ppl"][:K]
+    loops = ev["halting"]["token"]["logit_margin"]["mean_loops"]
+    assert fields[-K:] == [f"{p:.3f}" for p in ppl_k]
+    assert fields[-K - 3:-K] == [f"{log[-1]['hidden_norm'][-1]:.4g}", f"{ppl_k[-1]:.3f}",
+                                 f"{loops:.2f}"]
+    assert row["ppl"] == ppl_k[-1] and row["mean_loops"] == loops
+
+
+def test_prepare_prints_the_token_counts_it_wrote(tmp_path, capsys):
+    """prepare.py's last line: the train and val token counts and the vocabulary size are those
+    of the files it wrote (counted here from train.bin and val.bin)."""
+    from prepare import main
+    (tmp_path / "t.txt").write_text("to be, or not to be: that is the question.\n" * 30)
+    out = main([f"--input={tmp_path / 't.txt'}", "--tokenizer=char", "--name=c",
+                f"--data_dir={tmp_path / 'data'}"])
+    meta = json.loads((out / "meta.json").read_text())
+    n = {s: len(np.fromfile(out / f"{s}.bin", dtype=meta["dtype"])) for s in ("train", "val")}
+    assert n["train"] != n["val"]
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert (f"train {n['train']:,} tokens, val {n['val']:,} tokens, "
+            f"vocab {meta['vocab_size']:,} (char)") in last
