@@ -73,6 +73,23 @@ def hand_scores(logits):
 
 # ---- log.jsonl -------------------------------------------------------------------------------
 
+def training_clock(monkeypatch):
+    """train.py's clock made one that a training forward pass moves by 0.25 s and nothing else
+    moves (from 100 s), so throughput and elapsed time are known exactly. Returns the clock
+    ([seconds]), which a test may move itself."""
+    import train
+    clock = [100.0]
+    forward = LoopedGPT.forward
+
+    def timed(self, *args, **kw):
+        if self.training:
+            clock[0] += 0.25
+        return forward(self, *args, **kw)
+    monkeypatch.setattr(LoopedGPT, "forward", timed)
+    monkeypatch.setattr(train, "time", SimpleNamespace(time=lambda: clock[0]))
+    return clock
+
+
 def test_log_values_recomputed_token_by_token(data_dir, tmp_path, monkeypatch):
     """log.jsonl's numbers at iter 0 (the initial weights, remade from the seed) and at the end
     (the final checkpoint's weights), recomputed here in float64 over every token of the
@@ -84,15 +101,7 @@ def test_log_values_recomputed_token_by_token(data_dir, tmp_path, monkeypatch):
     of training so far". The clock is one that a training forward pass moves by 0.25 s and
     nothing else moves, so throughput and elapsed time are known exactly."""
     import train
-    clock = [100.0]
-    forward = LoopedGPT.forward
-
-    def timed(self, *args, **kw):
-        if self.training:
-            clock[0] += 0.25
-        return forward(self, *args, **kw)
-    monkeypatch.setattr(LoopedGPT, "forward", timed)
-    monkeypatch.setattr(train, "time", SimpleNamespace(time=lambda: clock[0]))
+    training_clock(monkeypatch)
     B, acc, T = 2, 3, 32
     train.main(TINY + [f"--data_dir={data_dir}", "--dataset=tiny_char", f"--out_dir={tmp_path}",
                        f"--batch_size={B}", f"--gradient_accumulation_steps={acc}",
@@ -139,15 +148,7 @@ def test_log_elapsed_and_throughput_over_a_resume(data_dir, tmp_path, monkeypatc
     iter 2 and 1.0 s at iter 4, and at iter 4 a throughput of the 2 steps since iter 2 over
     their 0.5 s (the time between the two processes not counted)."""
     import train
-    clock = [100.0]
-    forward = LoopedGPT.forward
-
-    def timed(self, *args, **kw):
-        if self.training:
-            clock[0] += 0.25
-        return forward(self, *args, **kw)
-    monkeypatch.setattr(LoopedGPT, "forward", timed)
-    monkeypatch.setattr(train, "time", SimpleNamespace(time=lambda: clock[0]))
+    clock = training_clock(monkeypatch)
     common = TINY + [f"--data_dir={data_dir}", "--dataset=tiny_char", f"--out_dir={tmp_path}",
                      "--eval_interval=2", "--eval_iters=1"]
     train.main(common + ["--max_iters=2"])
