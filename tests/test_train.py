@@ -149,17 +149,18 @@ print(sorted(faults[4:])[8])  # the median step after warm-up
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's allocator only")
 def test_freed_activations_are_reused_not_page_faulted_back():
     """keep_freed_memory: a typical step of a looped layer stops page-faulting fresh memory in
-    for its activations (median step here: 1,100-2,000 faults without it, 0 with it)."""
+    for its activations (median step: hundreds to thousands of faults without it, 0 with it)."""
     def faults_per_step(mode):
         out = subprocess.run([sys.executable, "-c", FAULTS_PER_STEP, mode], cwd=ROOT,
                              capture_output=True, text=True, check=True)
         return int(out.stdout)
-    # Without it, glibc's own heuristics decide; about 1 process in 10 here settles with no
-    # faults by luck, so plain gets three tries to show them, and keep must hold in two.
+    # Without it, glibc's own heuristics decide how much comes back each step: 481-2,016 faults
+    # here, exactly one [8, 128, 512] block (512 pages) on CI, and about 1 process in 10 settles
+    # with none by luck. So plain gets three tries to show half a block, and keep must hold in two.
     plain = [faults_per_step("plain")]
-    while plain[-1] <= 512 and len(plain) < 3:
+    while plain[-1] < 256 and len(plain) < 3:
         plain.append(faults_per_step("plain"))
-    assert max(plain) > 512, plain  # without it: at least one [8, 128, 512] block a step
+    assert max(plain) >= 256, plain  # the measurement sees the faults it is meant to remove
     keep = [faults_per_step("keep") for _ in range(2)]
     assert max(keep) < 64, keep
 
