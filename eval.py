@@ -134,17 +134,21 @@ def unit_scores(score, unit):
     return score if unit == "token" else score.mean(dim=-1, keepdim=True)
 
 
-def exit_loops(score, policy, threshold, K, unit="token"):
-    """The loop (1..K) at which each token exits [S, T]: the first loop that passes."""
+def exit_loops(score, policy, threshold, K, unit="token", tested=None):
+    """The loop (1..K) at which each token exits [S, T]: the first loop that passes, of the
+    loops `tested` (default: every loop; generate's exit_at)."""
     passed = exits(unit_scores(score[:K], unit), policy, threshold)
+    if tested is not None:  # a loop without an exit test lets no one out
+        passed[[k - 1 for k in range(1, K) if k not in tested]] = False
     passed[K - 1] = True
     exit_at = passed.float().argmax(dim=0) + 1  # first True
     return exit_at.expand(score.shape[1:])  # a sequence's tokens all share its exit loop
 
 
-def adaptive_exit(ce, score, policy, threshold, K, unit="token"):
-    """(mean loops, PPL) when each token (or sequence) exits at its first passing loop."""
-    exit_at = exit_loops(score, policy, threshold, K, unit)
+def adaptive_exit(ce, score, policy, threshold, K, unit="token", tested=None):
+    """(mean loops, PPL) when each token (or sequence) exits at its first passing loop (of the
+    loops `tested`)."""
+    exit_at = exit_loops(score, policy, threshold, K, unit, tested)
     token_ce = ce[:K].gather(0, (exit_at - 1)[None])[0]
     return exit_at.double().mean().item(), math.exp(token_ce.double().mean().item())
 
@@ -172,6 +176,33 @@ def calibrate(ce, score, policy, K, target, n, unit="token"):
         if ppl <= target * full and loops < best[1]:
             best = (t, loops, ppl)
     return best
+
+
+def exit_schedule(ce, score, policy, threshold, K, test_cost, target):
+    """The loops whose exit test pays for itself, per token, on these (calibration) batches. A
+    test costs test_cost loops (measured: exit_test_cost) for every token that reaches it;
+    a token costs the loops it runs and the tests it meets. From a test at every loop 1..K-1,
+    drop the test whose removal lowers the mean cost most, as long as the PPL stays within
+    target x full depth (a token let through goes on to a later test, or to loop K); stop when
+    no removal lowers it. Returns the loops kept, in order."""
+    full = math.exp(ce[K - 1].double().mean().item())
+
+    def cost(tested):
+        exit_at = exit_loops(score, policy, threshold, K, "token", tested).double()
+        tests = sum((exit_at >= k).double() for k in tested) if tested else 0.0
+        ppl = adaptive_exit(ce, score, policy, threshold, K, "token", tested)[1]
+        return (exit_at + test_cost * tests).mean().item(), ppl
+
+    tested = set(range(1, K))
+    best = cost(tested)[0]
+    while tested:
+        options = [(cost(tested - {k}), k) for k in sorted(tested)]
+        options = [(c, k) for (c, ppl), k in options if ppl <= target * full]
+        if not options or min(options)[0] > best:  # on a tie, fewer tests
+            break
+        best, k = min(options)
+        tested.remove(k)
+    return sorted(tested)
 
 
 def halting(cal, held, policy, K, target, n, unit="token"):
@@ -520,45 +551,84 @@ def timer(device):
     return time.thread_time if device.type == "cpu" else time.perf_counter
 
 
-@torch.no_grad()
-def speed(model, data, halt, cfg, dtype="float32"):
-    """Generation tokens/s with the KV cache, at batch 1 and 8: all K loops ("full") against
-    exiting at the calibrated threshold of `halt` (eval.json's halting entry for cfg.policy per
-    token; "exit"). Prompts are 32 tokens of `data` (held-out text); both kinds sample with the
-    same seeds. The rounds alternate full and exit after an untimed warm-up of each; on a CPU
-    in one thread, timed by the thread's CPU time (other work on a shared machine stretches a
-    wall clock, and not alike for both kinds: see timer). Per batch: each kind's tokens/s
-    (median round) and mean loops (over the rounds), the exit's speed-up (the median of the
-    rounds' paired ratios), the ideal speed-up K / mean loops, and the speed-up's share of it."""
-    from sample import early_exit_row, generate
+def speed_prompts(data, b):
+    """b prompts of 32 tokens, spread over `data` (held-out text)."""
+    stride = max(1, (len(data) - 33) // b)
+    return torch.stack([torch.from_numpy(data[i * stride:i * stride + 32].astype("int64"))
+                        for i in range(b)])
+
+
+def timed_rounds(kinds, prompts, new_tokens, rounds, model, dtype):
+    """Generate with each kind's options (a dict of generate's keywords) round by round, the
+    kinds alternating, each round's seed the same for every kind; round 0 is an untimed warm-up
+    of 8 tokens. Returns each kind's times and mean loops used, per timed round."""
+    from sample import generate
     device = model.lm_head.weight.device
     clock = timer(device)
+    times = {kind: [] for kind in kinds}
+    loops = {kind: [] for kind in kinds}
+    for r in tqdm(range(rounds + 1), desc=f"batch {prompts.size(0)}", leave=False):
+        for kind, how in kinds.items():
+            torch.manual_seed(r)
+            n = new_tokens if r else min(new_tokens, 8)
+            synchronize(device)
+            start = clock()
+            with amp(model, dtype):
+                _, used = generate(model, prompts, n, **how)
+            synchronize(device)
+            if r:
+                times[kind].append(clock() - start)
+                loops[kind].append(used.float().mean().cpu().item())  # read on the CPU
+    return times, loops
+
+
+def exit_test_cost(model, prompts, policy, new_tokens, rounds, dtype="float32"):
+    """What an exit test costs, in loops, timed on generation (median rounds): all K loops with
+    a test at every loop that no token passes, against all K loops without one, is K - 1 tests;
+    all K loops against one loop is K - 1 loops. At least 0."""
+    never = math.inf if EXIT_POLICIES[policy] == ">=" else -math.inf
+    kinds = {"one": {"n_loops": 1}, "full": {},
+             "tests": {"exit_policy": policy, "exit_threshold": never}}
+    times = timed_rounds(kinds, prompts, new_tokens, rounds, model, dtype)[0]
+    t = {kind: statistics.median(ts) for kind, ts in times.items()}
+    return max(0.0, (t["tests"] - t["full"]) / max(t["full"] - t["one"], 1e-12))
+
+
+@torch.no_grad()
+def speed(model, data, halt, cfg, dtype="float32", cal=None, held=None):
+    """Generation tokens/s with the KV cache, at batch 1 and 8: all K loops ("full") against
+    exiting at the calibrated threshold of `halt` (eval.json's halting entry for cfg.policy per
+    token; "exit"). Given the calibration batches' (ce, scores) `cal` and the held-out ones'
+    `held`, the exit tests run only at the loops where they pay (exit_schedule, with a test's
+    cost measured at batch 1 by exit_test_cost), and the exit's held-out PPL is that
+    schedule's; without them a test runs at every loop. Prompts are 32 tokens of `data`
+    (held-out text); both kinds sample with the same seeds. The rounds alternate full and exit
+    after an untimed warm-up of each; on a CPU in one thread, timed by the thread's CPU time
+    (other work on a shared machine stretches a wall clock, and not alike for both kinds: see
+    timer). Per batch: each kind's tokens/s (median round) and mean loops (over the rounds),
+    the exit's speed-up (the median of the rounds' paired ratios), the ideal speed-up K / mean
+    loops, and the speed-up's share of it."""
+    from sample import early_exit_row
+    clock = timer(model.lm_head.weight.device)
     K = model.config.n_loops
     t = halt["threshold"]
     kinds = {"full": {}}
-    if t is not None:  # None: no threshold met the target; halting runs all K loops
-        kinds["exit"] = {"exit_policy": cfg.policy, "exit_threshold": t}
     out = {"policy": cfg.policy, "threshold": t, "new_tokens": cfg.new_tokens,
            "clock": clock.__name__,
            "ppl": {"full": halt["ppl"] / halt["ratio"], "exit": halt["ppl"]}, "batch": {}}
+    if t is not None:  # None: no threshold met the target; halting runs all K loops
+        kinds["exit"] = {"exit_policy": cfg.policy, "exit_threshold": t}
+    if t is not None and cal is not None:
+        cost = exit_test_cost(model, speed_prompts(data, 1), cfg.policy, cfg.new_tokens,
+                                  cfg.rounds, dtype)
+        tested = exit_schedule(cal[0], cal[1][cfg.policy], cfg.policy, t, K, cost, cfg.target)
+        kinds["exit"]["exit_at"] = tested
+        out["test_cost"], out["tested_loops"] = cost, tested
+        out["ppl"]["exit"] = adaptive_exit(held[0], held[1][cfg.policy], cfg.policy, t, K,
+                                           "token", tested)[1]
     for b in SPEED_BATCHES:
-        stride = max(1, (len(data) - 33) // b)
-        prompts = torch.stack([torch.from_numpy(data[i * stride:i * stride + 32].astype("int64"))
-                               for i in range(b)])
-        times = {kind: [] for kind in kinds}
-        loops = {kind: [] for kind in kinds}
-        for r in tqdm(range(cfg.rounds + 1), desc=f"speed, batch {b}", leave=False):
-            for kind, how in kinds.items():
-                torch.manual_seed(r)
-                n = cfg.new_tokens if r else min(cfg.new_tokens, 8)  # round 0 warms up
-                synchronize(device)
-                start = clock()
-                with amp(model, dtype):
-                    _, used = generate(model, prompts, n, **how)
-                synchronize(device)
-                if r:
-                    times[kind].append(clock() - start)
-                    loops[kind].append(used.float().mean().cpu().item())  # read on the CPU
+        times, loops = timed_rounds(kinds, speed_prompts(data, b), cfg.new_tokens, cfg.rounds,
+                                    model, dtype)
         tokens = b * cfg.new_tokens
         row = {kind: early_exit_row(times, loops, "full", kind, K, tokens) for kind in kinds}
         exit_row = row.get("exit", row["full"])  # no threshold: the exit kind is the full one
@@ -577,6 +647,10 @@ def print_speed(s, K):
     t = "none" if s["threshold"] is None else f"{s['threshold']:.4g}"
     print(f"generation with the KV cache, {s['new_tokens']} tokens ({s['clock']}): all {K} "
           f"loops vs {s['policy']} {EXIT_POLICIES[s['policy']]} {t} (calibrated)")
+    if "tested_loops" in s:
+        loops = ",".join(map(str, s["tested_loops"])) or "none"
+        print(f"exit tests at loops {loops}: where they pay, at {s['test_cost']:.2f} loops a "
+              f"test (sample.py --exit_at={','.join(map(str, s['tested_loops']))})")
     print(f"{'batch':>5} {'full tok/s':>11} {'exit tok/s':>11} {'loops used':>11} {'speed-up':>9} "
           f"{'ideal':>7} {'of ideal':>9}   held-out PPL {s['ppl']['full']:.3f} -> "
           f"{s['ppl']['exit']:.3f}")
@@ -760,11 +834,15 @@ def main(argv=None):
         if "halting" not in out:
             die(f"{path} has no calibrated halting yet; run eval.py --run=depth (or all) on "
                 f"{cfg.out_dir} first")
-        held_data = data["val"][len(data["val"]) // 2:]  # split_batches' held-out half
+        # the batches depth calibrated on and reported on, for the schedule of exit tests
+        cal, held, held_data = split_batches(data["val"], cfg.eval_iters, bsz, run["block_size"],
+                                             device)
+        cal, held = collect(model, cal, K, dtype=dtype), collect(model, held, K, dtype=dtype)
         threads = torch.get_num_threads()
         if device.startswith("cpu"):  # one thread, as the clock (timer) counts one
             torch.set_num_threads(1)
-        out["speed"] = speed(model, held_data, out["halting"]["token"][cfg.policy], cfg, dtype)
+        out["speed"] = speed(model, held_data, out["halting"]["token"][cfg.policy], cfg, dtype,
+                             cal, held)
         save()
         x = windows(data["val"], bsz, bsz, run["block_size"], device)[0][0]
         out["frontier"] = frontier(model, x, out["per_depth"]["ppl"], cfg.rounds, dtype)

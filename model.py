@@ -404,8 +404,8 @@ class LoopedGPT(nn.Module):
             raise ValueError(f"sequence of length {pos0 + T} is longer than block_size="
                              f"{self.config.block_size}; crop the input to the last "
                              f"block_size tokens")
-        pos = torch.arange(pos0, pos0 + T, device=idx.device)
-        return self.drop(self.wte(idx) + self.wpe(pos))
+        # positions pos0..pos0+T-1 are rows of the position table: a slice, no lookup
+        return self.drop(self.wte(idx) + self.wpe.weight[pos0:pos0 + T])
 
     def loop(self, h, k, kv_caches=None):
         """Loop k (1-based): the state h_{k-1} in, h_k out, through the same layers every time."""
@@ -660,13 +660,26 @@ class RMSNorm(nn.RMSNorm):
     own: fused on CUDA, and torch.compile fuses it itself."""
 
     def forward(self, x):
-        fast = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-        fast = fast and len(self.normalized_shape) == 1
-        fast = fast and (self.weight is None or self.weight.dtype == x.dtype)
+        w = self.weight
+        fast = x.is_cpu and x.dtype in (torch.float32, torch.float64)
+        fast = fast and len(self.normalized_shape) == 1 and (w is None or w.dtype == x.dtype)
         if not fast or torch.compiler.is_compiling():
             return super().forward(x)
         eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
-        return RMSNormCPU.apply(x, self.weight, eps)
+        if not torch.is_grad_enabled():  # evaluation, generation: no backward, no Function
+            return rms_normed(x, w, rms_inverse(x, eps))
+        return RMSNormCPU.apply(x, w, eps)
+
+
+def rms_inverse(x, eps):
+    """r = 1 / sqrt(mean_c x^2 + eps), per row."""
+    r = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_()
+    return r.div_(x.size(-1)).add_(eps).rsqrt_()
+
+
+def rms_normed(x, weight, r):
+    y = x * r
+    return y if weight is None else y.mul_(weight)
 
 
 class RMSNormCPU(torch.autograd.Function):
@@ -674,12 +687,10 @@ class RMSNormCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_()
-        r = r.div_(x.size(-1)).add_(eps).rsqrt_()
+        r = rms_inverse(x, eps)
         ctx.save_for_backward(x, weight, r)
         ctx.eps = eps
-        y = x * r
-        return y if weight is None else y.mul_(weight)
+        return rms_normed(x, weight, r)
 
     @staticmethod
     def backward(ctx, g):

@@ -23,7 +23,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from configurator import DEVICE, NONEMPTY, at_least, check, device_or_exit, one_of, parse
+from configurator import (DEVICE, NONEMPTY, at_least, check, device_or_exit, error, one_of,
+                          parse)
 from model import EXIT_POLICIES, exit_score, exits, matmul_dtype
 from prepare import load_tokenizer
 from rundir import die, load_checkpoint, model_from_checkpoint
@@ -31,6 +32,15 @@ from rundir import die, load_checkpoint, model_from_checkpoint
 
 def readable_prompt(v):
     return v != "" and (not v.startswith("FILE:") or os.path.isfile(v[5:]))
+
+
+def loop_numbers(v):
+    """--exit_at's loops: "1,3" -> [1, 3]; "" -> None (every loop)."""
+    return [int(k) for k in v.split(",")] if v else None
+
+
+def loop_list(v):
+    return v == "" or all(k.isdigit() and int(k) >= 1 for k in v.split(","))
 
 
 OPTIONS = {
@@ -50,6 +60,11 @@ OPTIONS = {
                     one_of("", *EXIT_POLICIES)),
     "exit_threshold": (0.9, "exit when max_prob (<= 1) or logit_margin >= this, or entropy <= "
                             "this; needs --exit_policy", at_least(0.0)),
+    "exit_at": ("", "adaptive exit: the loops whose exit test runs, e.g. 1,3 (empty = every "
+                    "loop); a loop without one runs no readout. eval.py --run=speed prints the "
+                    "loops whose test pays for itself on this machine",
+                check("empty, or loop numbers >= 1 separated by commas", loop_list,
+                      ["0", "1,x", "2,,3", "-1"])),
     "use_cache": (True, "KV cache per (loop, layer); False recomputes the context every token",
                   None),
     "ragged": ("auto", "adaptive exit: run the deeper loops on the rows still running only. "
@@ -68,6 +83,8 @@ OPTIONS = {
 def together(cfg, explicit):
     if "exit_threshold" in explicit and not cfg.exit_policy:
         return "--exit_threshold needs --exit_policy (max_prob | logit_margin | entropy)"
+    if cfg.exit_at and not cfg.exit_policy:
+        return "--exit_at needs --exit_policy (max_prob | logit_margin | entropy)"
     if cfg.exit_policy == "max_prob" and cfg.exit_threshold > 1:
         return (f"--exit_threshold={cfg.exit_threshold!r} is invalid with --exit_policy=max_prob;"
                 f" accepted: a probability in [0, 1] (no token could ever exit above 1)")
@@ -165,9 +182,9 @@ class LoopCache:
         ragged) -> [B * T, C]."""
         c = self.cache
         new = qkv.view(-1, c.T, 3, n_head, qkv.size(-1) // (3 * n_head))
-        q = new[:, :, 0].transpose(1, 2)  # [B, H, T, D]
-        if c.rows is None:
-            self.kv.index_copy_(1, c.pos, new[:, :, 1:])
+        q = new.select(2, 0).transpose(1, 2)  # [B, H, T, D] (select, narrow: cheaper calls
+        if c.rows is None:                     # than indexing with slices)
+            self.kv.index_copy_(1, c.pos, new.narrow(2, 1, 2))
         else:  # a ragged batch, one token: the running rows' queries join the others' stale
             # ones in one attention over the whole batch, whose other rows are dropped after
             # (on a CPU, gathering the running rows' keys and values cost as much as it saved)
@@ -177,8 +194,8 @@ class LoopCache:
             y = masked_attention(q, self.kv, c.positions <= c.pos[:, None])
         else:  # the positions held; a fill (T > 1, from position 0) is causal
             end = c.end
-            y = F.scaled_dot_product_attention(q, self.keys[:, :, :end], self.values[:, :, :end],
-                                               is_causal=c.T > 1)
+            y = F.scaled_dot_product_attention(q, self.keys.narrow(2, 0, end),
+                                               self.values.narrow(2, 0, end), is_causal=c.T > 1)
         if c.rows is not None:
             y = y.index_select(0, c.rows)
         return y.transpose(1, 2).reshape(qkv.size(0), -1)
@@ -200,18 +217,31 @@ def sample_next(logits, temperature=1.0, top_k=None):
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
-    if top_k:  # sample among the top k only: cheaper than masking a 50k vocab
-        v, ix = torch.topk(logits, min(top_k, logits.size(-1)))
-        return ix.gather(-1, torch.multinomial(F.softmax(v, dim=-1), num_samples=1))
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+    if top_k and top_k < logits.size(-1):  # among the top k only: cheaper than masking 50k
+        v, ix = torch.topk(logits, top_k)
+        return ix.gather(-1, draw(F.softmax(v, dim=-1)))
+    return draw(F.softmax(logits, dim=-1))
+
+
+def draw(probs):
+    """One index per row of probs [B, n], drawn with those probabilities: the row's argmax of
+    p_i / E_i with E_i ~ Exp(1) independent. E_i / p_i is exponential with rate p_i, and the
+    smallest of such exponentials is entry i with probability p_i / sum(p). A few ops where
+    torch.multinomial costs as much as a layer of the CPU demo's decode step. E is kept above 0:
+    some devices' exponential_ returns an exact 0 now and then, and p / 0 would pick any entry,
+    even one of probability 0 (0 / 0 is NaN, which argmax takes for the largest)."""
+    e = torch.empty_like(probs).exponential_().clamp_min_(torch.finfo(probs.dtype).tiny)
+    return probs.div_(e).argmax(dim=-1, keepdim=True)
 
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, n_loops=None,
-             exit_policy=None, exit_threshold=None, use_cache=True, ragged=None, compile=False):
+             exit_policy=None, exit_threshold=None, use_cache=True, ragged=None, compile=False,
+             exit_at=None):
     """Sample tokens after `idx` [B, T]; returns (idx with them, exit loop of each [B, new]), both
     on the model's device. Depth: a fixed `n_loops` (default K), or adaptive per token: the first
-    loop whose readout passes `exit_policy` at `exit_threshold` (at most n_loops). When the cache
+    loop whose readout passes `exit_policy` at `exit_threshold` (at most n_loops), of the loops
+    `exit_at` (default: every loop; a loop not in it runs no readout and no test). When the cache
     reaches block_size it is refilled from the last block_size // 2 tokens, which run every loop
     again (only the last one's exit is decided anew); without a cache the context is cropped to
     block_size every token, as in nanoGPT. ragged: adaptive exit runs the deeper loops on the
@@ -220,13 +250,14 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, n_loops=No
     runs eagerly). The model runs as in eval mode."""
     with torch.inference_mode():  # lighter than no_grad: no version counters, no view tracking
         out, loops = _generate(model, idx, max_new_tokens, temperature, top_k, n_loops,
-                               exit_policy, exit_threshold, use_cache, ragged, compile)
+                               exit_policy, exit_threshold, use_cache, ragged, compile, exit_at)
     return out.clone(), loops.clone()  # ordinary tensors again, for any later use
 
 
 def _generate(model, idx, max_new_tokens, temperature, top_k, n_loops, policy, threshold,
-              use_cache, ragged, compile):
+              use_cache, ragged, compile, exit_at):
     K = n_loops or model.config.n_loops
+    tested = set(range(1, K)) if exit_at is None else {k for k in exit_at if k < K}
     bs = model.config.block_size
     idx = idx.to(model.lm_head.weight.device)  # the prompt, the tokens and the caches live there
     B, P = idx.shape
@@ -248,7 +279,7 @@ def _generate(model, idx, max_new_tokens, temperature, top_k, n_loops, policy, t
             x, pos0 = out[:, max(0, t - window):t], 0
         one = x.size(1) == 1
         logits, used = exit_step(model, x, pos0, K, cache, policy, threshold,
-                                 ragged and one, steps if one else (fixed_loop, exit_loop))
+                                 ragged and one, steps if one else (fixed_loop, exit_loop), tested)
         n_cached = pos0 + x.size(1)
         out[:, t:t + 1] = sample_next(logits, temperature, top_k)
         loops_used.append(used)
@@ -264,12 +295,13 @@ def who_exited(done):
 
 
 def exit_step(model, x, pos0, K, cache, policy, threshold, ragged=False,
-              steps=None):
+              steps=None, tested=None):
     """Run the loops on x [B, T] at positions pos0..; decode its last position. Returns logits
     [B, V] and exit loops [B]. Cache rule for adaptive exit: a token that exits at loop e gets,
     at the deeper loops, the keys/values of loop e, so later tokens see its exit state.
     ragged: the rows that exit leave the batch (ragged_exit_step); else every row runs until
-    every row has exited. steps: the functions that run one loop (compiled or not)."""
+    every row has exited. steps: the functions that run one loop (compiled or not). tested:
+    the loops < K with an exit test (default: all)."""
     fixed, adaptive = steps or (fixed_loop, exit_loop)
     if cache is not None:
         cache.step(pos0, x.size(1))
@@ -280,18 +312,21 @@ def exit_step(model, x, pos0, K, cache, policy, threshold, ragged=False,
         for k in range(1, K + 1):
             h = fixed(model, h, k, caches[k])
         return model.readout(h[:, -1], K), torch.full((B,), K, dtype=torch.long, device=h.device)
+    if tested is None:
+        tested = range(1, K)
     if ragged:
-        return ragged_exit_step(model, h, K, cache, policy, threshold)
+        return ragged_exit_step(model, h, K, cache, policy, threshold, tested)
     chosen = None
     done = torch.zeros(B, dtype=torch.bool, device=h.device)
     used = torch.full((B,), K, dtype=torch.long, device=h.device)
     some = x.size(1) > 1  # has a row exited? (in a fill, not read back: assume so)
     for k in range(1, K + 1):
+        test = k in tested
         h, chosen, done, used = adaptive(model, h, k, caches[k], chosen, done, used, policy,
-                                         threshold, k < K, some)
+                                         threshold, test, some, test or k == K)
         # Skip the deeper loops once every row has exited. A fill cannot: its earlier
         # positions need every loop's keys/values, so it reads nothing back.
-        if k < K and (cache is None or x.size(1) == 1):
+        if test and (cache is None or x.size(1) == 1):
             every, some = who_exited(done)
             if every:
                 if cache is not None:  # the loops skipped hold loop k's entries
@@ -305,14 +340,17 @@ def fixed_loop(model, h, k, caches):
     return model.loop(h, k, caches)
 
 
-def exit_loop(model, h, k, caches, chosen, done, used, policy, threshold, test, some=True):
-    """Loop k of adaptive exit on every row, with its readout and exit test (none at the last
-    loop, where every row exits): the rows that exit here take this loop's logits and k, the
-    rows done before keep theirs, and (if `some` row is done) their keys and values of the loop
-    above (exit rule)."""
+def exit_loop(model, h, k, caches, chosen, done, used, policy, threshold, test, some=True,
+              decode=True):
+    """Loop k of adaptive exit on every row, with its readout (if `decode`) and exit test (if
+    `test`; never at the last loop, where every row exits): the rows that exit here take this
+    loop's logits and k, the rows done before keep theirs, and (if `some` row is done) their
+    keys and values of the loop above (exit rule)."""
     h = model.loop(h, k, caches)
     if caches is not None and k > 1 and some:
         caches[0].cache.keep_exited(k, done)
+    if not decode:  # a loop without an exit test, before the last: nothing to read out
+        return h, chosen, done, used
     logits = model.readout(h[:, -1], k)
     chosen = logits if chosen is None else torch.where(done[:, None], chosen, logits)
     if test:
@@ -322,16 +360,18 @@ def exit_loop(model, h, k, caches, chosen, done, used, policy, threshold, test, 
     return h, chosen, done, used
 
 
-def ragged_exit_step(model, h, K, cache, policy, threshold):
+def ragged_exit_step(model, h, K, cache, policy, threshold, tested):
     """exit_step for one token per row, each loop run on the rows still running only: the exit
-    decisions are read back every loop (a list on the host), the rows that exit leave h, and the
-    cache writes the others' keys and values in their own rows."""
+    decisions are read back at every tested loop (a list on the host), the rows that exit leave
+    h, and the cache writes the others' keys and values in their own rows."""
     B = h.size(0)
     running = list(range(B))  # the batch row of each row of h
     used = [K] * B
     chosen = None
     for k in range(1, K + 1):
         h = model.loop(h, k, cache.loops[k])
+        if k < K and k not in tested:
+            continue
         logits = model.readout(h[:, -1], k)
         if k == K:
             passed = [True] * len(running)
@@ -479,6 +519,10 @@ def main(argv=None):
     depth = cfg.n_loops or model.config.n_loops
     if cfg.exit_policy and depth != model.config.n_loops:
         print(f"note: adaptive exit runs at most n_loops={depth} loops", file=sys.stderr)
+    exit_at = loop_numbers(cfg.exit_at)
+    if exit_at and max(exit_at) >= depth:
+        error(f"--exit_at={cfg.exit_at} is invalid for {depth} loops; accepted: loops 1.."
+              f"{depth - 1} (at loop {depth} every token exits anyway)")
     colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     if cfg.show_depth:
         print(depth_legend(depth, colour))
@@ -488,7 +532,7 @@ def main(argv=None):
                             top_k=cfg.top_k, n_loops=depth, exit_policy=cfg.exit_policy or None,
                             exit_threshold=cfg.exit_threshold, use_cache=cfg.use_cache,
                             ragged={"auto": None, "True": True, "False": False}[cfg.ragged],
-                            compile=cfg.compile)
+                            compile=cfg.compile, exit_at=exit_at)
         new = y[0, len(ids):].tolist()
         if cfg.show_depth:
             pieces = [decode([t]) for t in new]
@@ -500,6 +544,8 @@ def main(argv=None):
     mode = "fixed depth"
     if cfg.exit_policy:
         mode = f"adaptive {cfg.exit_policy} {EXIT_POLICIES[cfg.exit_policy]} {cfg.exit_threshold}"
+        if exit_at:
+            mode += f", tested at loops {cfg.exit_at}"
     mean = torch.cat(used, dim=1).mean().item()
     print(f"mean loops per generated token: {mean:.2f} of {depth} ({mode})")
 

@@ -812,6 +812,8 @@ def test_speed_cli_generates_at_the_calibrated_threshold(tiny_runs, data_dir, tm
         assert r["full"]["mean_loops"] == K and r["exit"]["mean_loops"] == 1.0
         assert r["full"]["tokens_per_s"] > 0 and r["exit"]["tokens_per_s"] > 0
     assert ev["speed"]["threshold"] == -1.0 and "speed-up" in p.stdout
+    # every token exits at loop 1: the test there is the only one that pays
+    assert ev["speed"]["tested_loops"] == [1] and "--exit_at=1" in p.stdout
 
 
 @pytest.mark.parametrize("kind", ["cuda", "mps"])

@@ -310,7 +310,8 @@ def test_chunked_readout_ce_same_loss_and_gradients(readout, penalty):
 def test_rmsnorm_cpu_backward_equals_torch_rmsnorm(gain):
     """model.RMSNorm runs its hand-written backward on a CPU: the output and both gradients
     equal torch's own F.rms_norm under autograd in float64, with eps given and with the dtype's
-    default, on rows of every scale (eps matters only on the tiny one)."""
+    default, on rows of every scale (eps matters only on the tiny one); so does its output
+    without autograd (no_grad, inference_mode), which skips the Function."""
     from model import RMSNorm
     g = torch.Generator().manual_seed(0)
     for eps in (None, 1e-3):
@@ -330,6 +331,9 @@ def test_rmsnorm_cpu_backward_equals_torch_rmsnorm(gain):
         torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
         for a, b in zip(mine, theirs):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        for mode in (torch.no_grad, torch.inference_mode):  # evaluation and generation
+            with mode():
+                torch.testing.assert_close(norm(x), ref.detach(), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.filterwarnings("ignore:Mismatch dtype")  # torch's own, on the mixed-dtype input

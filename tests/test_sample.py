@@ -119,10 +119,11 @@ def lively(**kw):
     return model
 
 
-def recompute_step(model, idx, exit_at, K, policy, threshold):
+def recompute_step(model, idx, exit_at, K, policy, threshold, tested=None):
     """The logits of idx's last position and its exit loop, from scratch, written out here
     rather than taken from sample.py. The cache rule, recomputed: position p of row b exited at
-    loop exit_at[b, p], so at every deeper loop its keys/values are that loop's."""
+    loop exit_at[b, p], so at every deeper loop its keys/values are that loop's. Only the loops
+    `tested` (default all) may be exited at before K."""
     B, T = idx.shape
     exit_at = torch.cat([exit_at, torch.full((B, 1), K)], dim=1)  # the last: decided below
     causal = torch.ones(T, T, dtype=torch.bool).tril()
@@ -151,14 +152,15 @@ def recompute_step(model, idx, exit_at, K, policy, threshold):
         above = here
         logits = model.readout(h[:, -1], k)
         chosen = torch.empty_like(logits) if chosen is None else chosen
-        newly = ~decided & (exits(exit_score(logits, policy), policy, threshold) | (k == K))
+        may = tested is None or k in tested
+        newly = ~decided & ((may & exits(exit_score(logits, policy), policy, threshold)) | (k == K))
         chosen[newly] = logits[newly]
         exit_at[newly, -1] = k
         decided |= newly
     return chosen, exit_at[:, -1]
 
 
-def recomputed(model, out, P, K, policy, threshold, use_cache):
+def recomputed(model, out, P, K, policy, threshold, use_cache, tested=None):
     """Every step's logits [B, new, V] and exit loops [B, new] for the tokens `out` (prompt of
     P tokens), each recomputed from its whole window. The windows as generate documents them:
     with a cache the prompt's last block_size tokens, grown one token a step and, once full,
@@ -182,7 +184,7 @@ def recomputed(model, out, P, K, policy, threshold, use_cache):
         else:
             earlier = [exit_of.get(p, torch.full((B,), K)) for p in range(start, end - 1)]
             earlier = torch.stack(earlier, 1) if earlier else torch.zeros(B, 0, dtype=torch.long)
-            step, used = recompute_step(model, window, earlier, K, policy, threshold)
+            step, used = recompute_step(model, window, earlier, K, policy, threshold, tested)
         if use_cache:
             exit_of[end - 1] = used
         logits.append(step)
@@ -239,6 +241,27 @@ def test_kv_cache_adaptive_exit_matches_recompute_at_the_logits(use_cache, ragge
     assert set(loops.unique().tolist()) == set(range(1, K + 1))  # every depth is used
     assert (loops != loops[0]).any(dim=0).sum() >= 10  # rows exit at different loops
     assert (loops.amax(dim=0) < K).sum() >= 3  # and some steps skip the deeper loops for all
+    assert torch.allclose(logits, want, rtol=0, atol=1e-10)
+    assert torch.equal(loops, want_loops)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("use_cache,ragged", [(True, True), (True, False), (False, False)],
+                         ids=["ragged", "dense", "no_cache"])
+def test_exit_tests_at_some_loops_only_match_recompute(use_cache, ragged, monkeypatch):
+    """exit_at=[1, 3] of K=4: a token exits at loop 1, 3 or 4, never at loop 2, even where its
+    loop-2 readout passes; the same logits and exit loops as the recompute that tests only those
+    loops, across two refills."""
+    model = lively()
+    prompt = torch.randint(37, (3, 5), generator=torch.Generator().manual_seed(1))
+    out, loops, logits = generated(model, prompt, 30, monkeypatch, exit_policy="max_prob",
+                                   exit_threshold=0.35, use_cache=use_cache, ragged=ragged,
+                                   exit_at=[1, 3])
+    with torch.no_grad():
+        want, want_loops = recomputed(model, out, 5, 4, "max_prob", 0.35, use_cache, {1, 3})
+        every, _ = recomputed(model, out, 5, 4, "max_prob", 0.35, use_cache)
+    assert set(loops.unique().tolist()) == {1, 3, 4}
+    assert not torch.allclose(every, want, rtol=0, atol=1e-10)  # loop 2 would have exited some
     assert torch.allclose(logits, want, rtol=0, atol=1e-10)
     assert torch.equal(loops, want_loops)
 

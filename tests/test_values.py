@@ -479,20 +479,41 @@ def tempered_top_k(logits, temperature, top_k):
 
 
 def draws(monkeypatch):
-    """torch.multinomial replaced by one that records each row's probabilities and draws the
-    entry `pick[0]` of every row: what sampling asks for, exactly."""
+    """sample.draw replaced by one that records each row's probabilities and draws the entry
+    `pick[0]` of every row: what sampling asks for, exactly."""
+    import sample
     asked, pick = [], [0]
 
-    def multinomial(probs, num_samples, **kw):
-        assert num_samples == 1
+    def draw(probs):
         asked.append(probs.detach().double().clone())
         return torch.full((probs.size(0), 1), pick[0], dtype=torch.long)
-    monkeypatch.setattr(torch, "multinomial", multinomial)
+    monkeypatch.setattr(sample, "draw", draw)
     return asked, pick
 
 
+def test_draw_picks_each_entry_with_its_probability(monkeypatch):
+    """sample.draw: 100,000 rows of one distribution with a zero entry; each index appears with
+    its probability (within 5 standard errors) and the zero one never does, even when the
+    exponential draws it divides by come out exactly 0 (as some devices' exponential_ does)."""
+    from sample import draw
+    torch.manual_seed(0)
+    p = [0.45, 0.0, 0.3, 0.2, 0.05]
+    n = 100_000
+    counts = torch.bincount(draw(torch.tensor([p] * n))[:, 0], minlength=5).tolist()
+    for c, q in zip(counts, p):
+        assert abs(c / n - q) <= 5 * math.sqrt(q * (1 - q) / n), (counts, p)
+    real = torch.Tensor.exponential_
+
+    def with_zeros(t, *a, **kw):  # an exact 0 in every row
+        real(t, *a, **kw)
+        return t.index_fill_(-1, torch.tensor([1, 3]), 0.0)
+    monkeypatch.setattr(torch.Tensor, "exponential_", with_zeros)
+    picked = draw(torch.tensor([p] * 1000))[:, 0]
+    assert set(picked.tolist()) <= {0, 2, 3, 4} and picked.tolist().count(3) > 900
+
+
 def test_sample_next_draws_from_the_tempered_top_k_distribution(monkeypatch):
-    """sample_next, by intercepting torch.multinomial: every entry of the distribution it draws
+    """sample_next, by intercepting sample.draw: every entry of the distribution it draws
     from, mapped back to the token id it returns, equals the definition's probability of that
     id (tempered_top_k): top-k keeps exactly the k most likely ids, the temperature divides the
     logits; temperature 0 is the argmax and draws nothing."""
@@ -1366,3 +1387,160 @@ def test_prepare_prints_the_token_counts_it_wrote(tmp_path, capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert (f"train {n['train']:,} tokens, val {n['val']:,} tokens, "
             f"vocab {meta['vocab_size']:,} (char)") in last
+
+
+# ---- exit tests where they pay (eval.py --run=speed's schedule) ----------------------------
+
+def exits_by_hand(score, policy, threshold, K, tested):
+    """Each token's exit loop, token by token: its first tested loop whose score passes, else
+    K. score [K, S, T] as nested lists."""
+    sign = EXIT_POLICIES[policy]
+    S, T = len(score[0]), len(score[0][0])
+    out = []
+    for s in range(S):
+        for t in range(T):
+            loop = K
+            for k in sorted(tested):
+                v = score[k - 1][s][t]
+                if (v >= threshold) if sign == ">=" else (v <= threshold):
+                    loop = k
+                    break
+            out.append(loop)
+    return out
+
+
+def schedule_cost(ce, score, policy, threshold, K, cost, tested):
+    """(mean cost in loops, PPL) of a schedule, by hand: a token pays the loops it runs and
+    `cost` for each tested loop it reaches (the one it exits at included)."""
+    loops = exits_by_hand(score.tolist(), policy, threshold, K, tested)
+    flat = ce.reshape(K, -1).tolist()
+    paid = [e + cost * sum(1 for k in tested if k <= e) for e in loops]
+    nll = [flat[e - 1][i] for i, e in enumerate(loops)]
+    return sum(paid) / len(paid), math.exp(sum(nll) / len(nll))
+
+
+def test_exit_schedule_keeps_the_tests_that_pay_and_meets_the_target():
+    """exit_schedule on made-up CEs and scores (K = 5): the schedule's PPL is within target x
+    full depth and its mean cost (loops run plus `cost` per test met, computed token by token
+    here) is at most that of a test at every loop, and no single test more or less would lower
+    it within the target. With free tests every loop where someone exits is kept; with tests
+    dearer than anything they save, none is; loops no token reaches are dropped."""
+    from eval import exit_schedule
+    g = torch.Generator().manual_seed(0)
+    K = 5
+    ce = torch.rand(K, 6, 40, generator=g, dtype=torch.float64) * 3
+    ce[K - 1] *= 0.9  # full depth is the best exit, on the whole
+    score = torch.rand(K, 6, 40, generator=g, dtype=torch.float64)
+    full = math.exp(ce[K - 1].mean().item())
+    t = 0.9  # max_prob >= 0.9: about a tenth of the tokens pass at each loop
+    for cost, target in ((0.05, 1.2), (0.3, 1.2), (0.3, 1.02), (2.0, 1.2)):
+        got = exit_schedule(ce, score, "max_prob", t, K, cost, target)
+        mine, ppl = schedule_cost(ce, score, "max_prob", t, K, cost, got)
+        every = schedule_cost(ce, score, "max_prob", t, K, cost, range(1, K))
+        assert got == sorted(set(got)) and set(got) <= set(range(1, K))
+        assert ppl <= target * full * (1 + 1e-12) and mine <= every[0] + 1e-12, (cost, target)
+        for k in range(1, K):  # a local optimum: one test fewer or more does not pay
+            other = sorted(set(got) ^ {k})
+            c, p = schedule_cost(ce, score, "max_prob", t, K, cost, other)
+            assert c >= mine - 1e-12 or p > target * full, (cost, target, got, other)
+    assert exit_schedule(ce, score, "max_prob", t, K, 0.0, 10.0) == [1, 2, 3, 4]
+    # the target binds: 10 tokens pass at loops 2 and 3 and predict well at 2, terribly at 3;
+    # 50 pass at loop 3 only. Dropping the test at 2 would pay (0.3 x 100 tests for 10 extra
+    # loops) but send the 10 to loop 3: PPL e^1 -> e^2.9, past 1.1x full depth, so it stays
+    ce = torch.ones(4, 1, 100, dtype=torch.float64)
+    ce[2, 0, :10] = 20.0
+    score = torch.zeros(4, 1, 100, dtype=torch.float64)
+    score[1:3, 0, :10] = 1.0
+    score[2, 0, 10:60] = 1.0
+    assert exit_schedule(ce, score, "max_prob", 0.5, 4, 0.3, 1.1) == [2, 3]
+    assert exit_schedule(ce, score, "max_prob", 0.5, 4, 0.3, 10.0) == [3]
+    # the rule as the docstring states it, run here on schedule_cost: from every test, drop
+    # the one whose removal lowers the cost most (within the target), a tie to fewer tests
+    for seed in range(12):
+        g.manual_seed(seed)
+        ce = torch.rand(K, 2, 30, generator=g, dtype=torch.float64) * 3
+        score = torch.rand(K, 2, 30, generator=g, dtype=torch.float64)
+        early = score[0] >= 0.7  # tokens that pass at loop 1 predict best there, worst later
+        ce[0] = torch.where(early, 0.1 * ce[0], ce[0])
+        ce[1:] = torch.where(early, ce[1:] + 2, ce[1:])
+        cost = [0.02, 0.1, 0.3, 0.6][seed % 4]
+        target = [1.01, 1.1, 1.5][seed % 3]
+        full = math.exp(ce[K - 1].mean().item())
+        kept = set(range(1, K))
+        best = schedule_cost(ce, score, "max_prob", 0.7, K, cost, kept)[0]
+        while kept:
+            fits = []
+            for k in sorted(kept):
+                c, p = schedule_cost(ce, score, "max_prob", 0.7, K, cost, kept - {k})
+                if p <= target * full:
+                    fits.append((c, k))
+            if not fits or min(fits)[0] > best + 1e-12:
+                break
+            best, k = min(fits)
+            kept.remove(k)
+        assert exit_schedule(ce, score, "max_prob", 0.7, K, cost, target) == sorted(kept), seed
+    assert exit_schedule(ce, score, "max_prob", t, K, 10.0, 10.0) == []
+    everyone = torch.ones_like(score)  # every token passes at loop 1: loops 2..4 never tested
+    assert exit_schedule(ce, everyone, "max_prob", t, K, 0.1, 10.0) == [1]
+    # entropy is <=: a token exits when its score is at most the threshold
+    assert exit_schedule(ce, 1 - everyone, "entropy", 0.5, K, 0.1, 10.0) == [1]
+
+
+def test_exit_test_cost_is_the_tests_time_over_the_loops_time(monkeypatch):
+    """exit_test_cost with a generator whose time is known: each token costs 1 ms per loop run,
+    0.3 ms per exit test met and 0.5 ms outside the loops, so a test costs 0.3 loops; the
+    thresholds it times with pass no token (a test at every loop, nobody exits)."""
+    import eval as eval_script
+    import sample
+    K = 4
+    clock = [0.0]
+    model = SimpleNamespace(config=SimpleNamespace(n_loops=K),
+                            lm_head=SimpleNamespace(weight=torch.zeros(1)))
+
+    def fake_generate(model, idx, n, n_loops=None, exit_policy=None, exit_threshold=None):
+        loops = n_loops or K
+        tests = loops - 1 if exit_policy else 0
+        if exit_policy:
+            assert exit_threshold == (math.inf if EXIT_POLICIES[exit_policy] == ">="
+                                      else -math.inf)
+        clock[0] += n * (1e-3 * loops + 0.3e-3 * tests + 0.5e-3)
+        return idx, torch.full((idx.size(0), n), loops)
+    monkeypatch.setattr(sample, "generate", fake_generate)
+    monkeypatch.setattr(eval_script.time, "thread_time", lambda: clock[0])
+    monkeypatch.setattr(eval_script, "amp", lambda model, dtype: torch.no_grad())
+    for policy in EXIT_POLICIES:
+        cost = eval_script.exit_test_cost(model, torch.zeros(1, 4, dtype=torch.long), policy,
+                                          20, 2)
+        assert cost == pytest.approx(0.3)
+
+
+def test_speed_times_the_schedule_and_reports_its_held_out_ppl(tiny_runs, monkeypatch):
+    """speed given calibration and held-out (ce, scores): the exit kind generates with exit_at
+    = exit_schedule's loops at the measured test cost, and eval.json's exit PPL is the held-out
+    PPL of that schedule, computed here token by token."""
+    import eval as eval_script
+    import sample
+    model = model_from_checkpoint(load_checkpoint(
+        os.path.join(tiny_runs["rmsnorm"], "ckpt.pt")), "cpu")
+    K = model.config.n_loops
+    g = torch.Generator().manual_seed(1)
+    cal = (torch.rand(K, 4, 8, generator=g) * 3, {"max_prob": torch.rand(K, 4, 8, generator=g)})
+    held = (torch.rand(K, 4, 8, generator=g) * 3,
+            {"max_prob": torch.rand(K, 4, 8, generator=g)})
+    monkeypatch.setattr(eval_script, "exit_test_cost", lambda *a, **kw: 0.4)
+    want = eval_script.exit_schedule(cal[0], cal[1]["max_prob"], "max_prob", 0.8, K, 0.4, 1.5)
+    assert 0 < len(want) < K - 1  # some loops tested, not all: the PPL depends on which
+    seen = []
+
+    def fake_generate(model, idx, n, exit_policy=None, exit_threshold=None, exit_at=None):
+        seen.append(exit_at)
+        return idx, torch.full((idx.size(0), n), K)
+    monkeypatch.setattr(sample, "generate", fake_generate)
+    cfg = SimpleNamespace(policy="max_prob", new_tokens=4, rounds=1, target=1.5)
+    halt = {"threshold": 0.8, "mean_loops": 2.0, "ppl": 9.0, "ratio": 1.01}
+    out = eval_script.speed(model, np.arange(400), halt, cfg, cal=cal, held=held)
+    assert out["tested_loops"] == want and out["test_cost"] == 0.4
+    assert [a for a in seen if a is not None] == [want] * 4  # 2 rounds x 2 batch sizes
+    ppl = schedule_cost(held[0].double(), held[1]["max_prob"].double(), "max_prob", 0.8, K,
+                        0.0, want)[1]
+    assert out["ppl"]["exit"] == pytest.approx(ppl, rel=1e-6)
