@@ -23,9 +23,10 @@ Evaluate a trained looped model on validation data, and write out_dir/eval.json.
 - speed (--run=speed, after depth; not part of all, so that it can be timed on a quiet
   machine): what calibrated halting saves in time. Tokens per second of generation with the KV
   cache at batch 1 and 8, running all K loops against exiting at the threshold that depth
-  calibrated, the mean loops used, the speed-up and the ideal one (K / mean loops), beside the
-  held-out PPL of each; and the compute-quality frontier, the tokens per second of a full
-  forward pass at each depth k = 1..K. On a CPU in one thread, timed by its CPU time.
+  calibrated, with exit tests at the loops where they pay for what they cost (timed here), the
+  mean loops used, the speed-up and the ideal one (K / mean loops), beside the held-out PPL of
+  each; and the compute-quality frontier, the tokens per second of a full forward pass at each
+  depth k = 1..K. On a CPU in one thread, timed by its CPU time.
 Exits are simulated on full sequences: every position runs all loops (so later tokens attend to
 deeper states of earlier ones) and each token's prediction is read at its own exit loop.
 
@@ -583,15 +584,17 @@ def timed_rounds(kinds, prompts, new_tokens, rounds, model, dtype):
 
 
 def exit_test_cost(model, prompts, policy, new_tokens, rounds, dtype="float32"):
-    """What an exit test costs, in loops, timed on generation (median rounds): all K loops with
-    a test at every loop that no token passes, against all K loops without one, is K - 1 tests;
-    all K loops against one loop is K - 1 loops. At least 0."""
+    """What an exit test costs, in loops, timed on generation: all K loops with a test at every
+    loop that no token passes, against all K loops without one, is K - 1 tests; all K loops
+    against one loop is K - 1 loops. The median over rounds of each round's ratio (the three
+    kinds of a round run back to back, so a machine's drift cancels); at least 0."""
     never = math.inf if EXIT_POLICIES[policy] == ">=" else -math.inf
     kinds = {"one": {"n_loops": 1}, "full": {},
              "tests": {"exit_policy": policy, "exit_threshold": never}}
-    times = timed_rounds(kinds, prompts, new_tokens, rounds, model, dtype)[0]
-    t = {kind: statistics.median(ts) for kind, ts in times.items()}
-    return max(0.0, (t["tests"] - t["full"]) / max(t["full"] - t["one"], 1e-12))
+    t = timed_rounds(kinds, prompts, new_tokens, rounds, model, dtype)[0]
+    ratios = [(tests - full) / max(full - one, 1e-12)
+              for one, full, tests in zip(t["one"], t["full"], t["tests"])]
+    return max(0.0, statistics.median(ratios))
 
 
 @torch.no_grad()
@@ -647,10 +650,13 @@ def print_speed(s, K):
     t = "none" if s["threshold"] is None else f"{s['threshold']:.4g}"
     print(f"generation with the KV cache, {s['new_tokens']} tokens ({s['clock']}): all {K} "
           f"loops vs {s['policy']} {EXIT_POLICIES[s['policy']]} {t} (calibrated)")
-    if "tested_loops" in s:
-        loops = ",".join(map(str, s["tested_loops"])) or "none"
-        print(f"exit tests at loops {loops}: where they pay, at {s['test_cost']:.2f} loops a "
-              f"test (sample.py --exit_at={','.join(map(str, s['tested_loops']))})")
+    if s.get("tested_loops"):
+        loops = ",".join(map(str, s["tested_loops"]))
+        print(f"exit tests at loops {loops}, where they pay at {s['test_cost']:.2f} loops a test "
+              f"(sample.py --exit_at={loops})")
+    elif "tested_loops" in s:
+        print(f"no exit test pays at {s['test_cost']:.2f} loops a test: the exit runs all {K} "
+              f"loops (sample.py without --exit_policy)")
     print(f"{'batch':>5} {'full tok/s':>11} {'exit tok/s':>11} {'loops used':>11} {'speed-up':>9} "
           f"{'ideal':>7} {'of ideal':>9}   held-out PPL {s['ppl']['full']:.3f} -> "
           f"{s['ppl']['exit']:.3f}")

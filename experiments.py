@@ -372,7 +372,7 @@ def speed_row(speeds):
     held-out PPL of each, as spreads over seeds."""
     out = {"policy": speeds[0]["policy"], "new_tokens": speeds[0]["new_tokens"],
            "ppl": {kind: spread([s["ppl"][kind] for s in speeds]) for kind in ("full", "exit")},
-           "batch": {}}
+           "tested_loops": [s.get("tested_loops") for s in speeds], "batch": {}}
     for b in speeds[0]["batch"]:
         runs = [s["batch"][b] for s in speeds]
         out["batch"][b] = {f"{kind}_{what}": spread([r[kind][what] for r in runs])
@@ -507,15 +507,25 @@ def print_conditions(rows, policy="logit_margin"):
               f"tokens, all K loops vs calibrated halting ({s['policy']} per token)")
         print(f"{'run':<22} {'batch':>5} {'full tok/s':>13} {'exit tok/s':>13} {'speed-up':>13} "
               f"{'loops used':>11} {'ideal':>6} {'of ideal':>13} {'PPL full':>13} "
-              f"{'PPL exit':>13}")
+              f"{'PPL exit':>13}  tests at (per seed)")
         for r in fast:
+            tests = " ".join(tested_loops(t) for t in r["speed"]["tested_loops"])
             for b, x in r["speed"]["batch"].items():
                 print(f"{r['run']:<22} {b:>5} {pm(x['full_tokens_per_s'], '{:.0f}'):>13} "
                       f"{pm(x['exit_tokens_per_s'], '{:.0f}'):>13} "
                       f"{pm(x['speed_up'], '{:.2f}') + 'x':>13} "
                       f"{pm(x['exit_mean_loops'], '{:.2f}'):>11} {x['ideal']['mean']:>5.2f}x "
                       f"{pm(x['of_ideal'], '{:.2f}'):>13} "
-                      f"{pm(r['speed']['ppl']['full']):>13} {pm(r['speed']['ppl']['exit']):>13}")
+                      f"{pm(r['speed']['ppl']['full']):>13} {pm(r['speed']['ppl']['exit']):>13}  "
+                      f"{tests}")
+
+
+def tested_loops(loops):
+    """eval.json's tested_loops as the table shows them: "1,3", "none", or "all" (an eval.json
+    from before the schedule, which tested every loop)."""
+    if loops is None:
+        return "all"
+    return ",".join(map(str, loops)) or "none"
 
 
 def run_folders(out_dir):

@@ -5,6 +5,7 @@ Sample from a trained looped model, at a fixed exit depth or with adaptive per-t
   python sample.py --n_loops=2                                       # exit after loop 2
   python sample.py --exit_policy=max_prob --exit_threshold=0.9       # adaptive depth per token
   python sample.py --exit_policy=max_prob --show_depth=True          # see where each token exited
+  python sample.py --exit_policy=logit_margin --exit_threshold=2 --exit_at=1,3   # test 2 loops
 
 After the samples it prints the mean number of loops used per generated token. With
 --show_depth=True each generated token is shaded by the loop it exited at (256-colour ANSI on a

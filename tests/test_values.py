@@ -656,6 +656,8 @@ def made_up_eval(g, K):
         "endpoint": {"ce_gap": math.log(ppl[0] / ppl[K - 1]), "radial_fraction": radial},
         "speed": {"policy": "logit_margin", "threshold": 1.0, "new_tokens": 200,
                   "ppl": {"full": made_up(g, 1, 5, 20)[0], "exit": made_up(g, 1, 5, 20)[0]},
+                  "test_cost": made_up(g, 1, 0, 1)[0],
+                  "tested_loops": [k for k in range(1, K) if made_up(g, 1, 0, 1)[0] < 0.5],
                   "batch": {"1": speed_batch(), "8": speed_batch()}},
     }
 
@@ -737,6 +739,7 @@ def test_claims_json_recomputed_from_the_run_folders(tmp_path):
                         [r[kind][what] for r in runs]))
             for what in ("speed_up", "ideal", "of_ideal"):
                 assert speed[what] == pytest.approx(over_seeds([r[what] for r in runs]))
+        assert row["speed"]["tested_loops"] == [ev["speed"]["tested_loops"] for ev in evs]
     claims = out["claims"]
     ratio, gain = {}, {}
     for name in ("scale_visible", "penalty"):
@@ -1294,6 +1297,14 @@ def test_print_speed_shows_full_then_exit(capsys):
     assert "held-out PPL 10.000 -> 10.100" in out
     assert out.splitlines()[-1].split() == ["1", "400.0", "600.0", "2.50/6", "1.50x", "2.40x",
                                             "0.62"]
+    for loops, line in (([2, 5], "exit tests at loops 2,5, where they pay at 0.31 loops a test "
+                                 "(sample.py --exit_at=2,5)"),
+                        ([], "no exit test pays at 0.31 loops a test: the exit runs all 6 loops")):
+        print_speed({"policy": "logit_margin", "threshold": 2.0, "new_tokens": 200,
+                     "clock": "thread_time", "ppl": {"full": 10.0, "exit": 10.1},
+                     "batch": {"1": row}, "tested_loops": loops, "test_cost": 0.3125}, 6)
+        second = capsys.readouterr().out.splitlines()[1]
+        assert second.startswith(line), second
 
 
 def test_depth_map_legend_names_loops_1_to_K_in_their_shades(tmp_path, monkeypatch):
