@@ -148,3 +148,21 @@ def tiny_runs(data_dir, tmp_path_factory):
                      f"--readout={readout}", "--max_iters=20", "--eval_interval=10"])
         outs[readout] = out
     return outs
+
+
+@pytest.fixture(scope="session")
+def finished_run(data_dir, tmp_path_factory):
+    """finished_run(*flags): the folder of a tiny run trained (once a session) with TINY and
+    these flags on tiny_char. Shared: a test that changes a run, or resumes it, copies it
+    first."""
+    from train import main
+    made = {}
+
+    def get(*flags):
+        if flags not in made:
+            out = tmp_path_factory.mktemp("finished")
+            main(TINY + [f"--data_dir={data_dir}", "--dataset=tiny_char", f"--out_dir={out}",
+                         *flags])
+            made[flags] = out
+        return made[flags]
+    return get

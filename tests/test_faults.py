@@ -125,9 +125,15 @@ def immutable(path):
         subprocess.run(["chattr", "-i", str(path)], check=True)
 
 
-def test_read_only_out_dir_is_refused_before_anything(data_dir, tmp_path):
+def copy_of_finished(finished_run, tmp_path, *flags):
+    """A copy, in tmp_path/out, of a run that train.py finished with these flags."""
     out = tmp_path / "out"
-    assert run("train.py", *train_args(data_dir, out, "--max_iters=2")).returncode == 0
+    shutil.copytree(finished_run(*flags), out)
+    return out
+
+
+def test_read_only_out_dir_is_refused_before_anything(data_dir, tmp_path, finished_run):
+    out = copy_of_finished(finished_run, tmp_path, "--max_iters=2")
     before = digest(out)
     with immutable(out):
         p = run("train.py", *train_args(data_dir, out, "--init_from=resume", "--max_iters=4"))
@@ -226,9 +232,8 @@ def test_second_run_in_one_folder_is_refused_and_a_killed_run_leaves_no_lock(dat
     assert third.returncode == 0, third.stderr[-1000:]
 
 
-def test_scratch_run_keeps_the_run_already_in_the_folder(data_dir, tmp_path):
-    out = tmp_path / "out"
-    assert run("train.py", *train_args(data_dir, out, "--max_iters=2")).returncode == 0
+def test_scratch_run_keeps_the_run_already_in_the_folder(data_dir, tmp_path, finished_run):
+    out = copy_of_finished(finished_run, tmp_path, "--max_iters=2")
     before = digest(out)
     p = run("train.py", *train_args(data_dir, out, "--max_iters=2", "--readout=scale_visible"))
     one_line_error(p, 1, "already holds a run", "--init_from=resume", "--overwrite=True")
@@ -240,10 +245,8 @@ def test_scratch_run_keeps_the_run_already_in_the_folder(data_dir, tmp_path):
 
 # ---- the log: appended, never rewritten ------------------------------------------------------
 
-def test_extending_a_finished_run_keeps_every_line(data_dir, tmp_path):
-    out = tmp_path / "out"
-    assert run("train.py", *train_args(data_dir, out, "--max_iters=4",
-                                       "--eval_interval=2")).returncode == 0
+def test_extending_a_finished_run_keeps_every_line(data_dir, tmp_path, finished_run):
+    out = copy_of_finished(finished_run, tmp_path, "--max_iters=4", "--eval_interval=2")
     finished = (out / "log.jsonl").read_bytes()
     p = run("train.py", *train_args(data_dir, out, "--init_from=resume", "--max_iters=8",
                                      "--eval_interval=2"))
@@ -254,11 +257,9 @@ def test_extending_a_finished_run_keeps_every_line(data_dir, tmp_path):
     assert all(e["tokens_per_sec"] > 0 for e in log[1:])
 
 
-def test_hand_edited_log_lines_lose_nothing_on_resume(data_dir, tmp_path):
+def test_hand_edited_log_lines_lose_nothing_on_resume(data_dir, tmp_path, finished_run):
     from rundir import read_log as lenient
-    out = tmp_path / "out"
-    assert run("train.py", *train_args(data_dir, out, "--max_iters=4",
-                                       "--eval_interval=2")).returncode == 0
+    out = copy_of_finished(finished_run, tmp_path, "--max_iters=4", "--eval_interval=2")
     lines = (out / "log.jsonl").read_text().splitlines(True)
     edited = lines[0] + "\n" + "# my note: lr looked high here\n" + "".join(lines[1:])
     (out / "log.jsonl").write_text(edited)
@@ -270,11 +271,10 @@ def test_hand_edited_log_lines_lose_nothing_on_resume(data_dir, tmp_path):
 
 
 def test_kill_between_checkpoint_and_log_entry_is_repaired_with_the_real_entry(data_dir,
-                                                                              tmp_path):
+                                                                              tmp_path,
+                                                                              finished_run):
     import torch
-    out = tmp_path / "out"
-    assert run("train.py", *train_args(data_dir, out, "--max_iters=4",
-                                       "--eval_interval=2")).returncode == 0
+    out = copy_of_finished(finished_run, tmp_path, "--max_iters=4", "--eval_interval=2")
     lines = (out / "log.jsonl").read_text().splitlines(True)
     (out / "log.jsonl").write_text("".join(lines[:-1]))  # the kill came before the last line
     p = run("train.py", *train_args(data_dir, out, "--init_from=resume", "--max_iters=4"))

@@ -41,11 +41,9 @@ def test_missing_training_data_names_the_prepare_command_that_makes_it(tmp_path)
 
 
 @pytest.fixture(scope="module")
-def trained(data_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("trained")
-    from train import main
-    main(train_args(data_dir, out, "--max_iters=4", "--eval_interval=2"))
-    return out
+def trained(finished_run):
+    """A finished run, shared with other tests: these read it, and leave it as it was."""
+    return finished_run("--max_iters=4", "--eval_interval=2")
 
 
 def test_corrupt_or_truncated_checkpoint(trained, data_dir, tmp_path):
