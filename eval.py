@@ -179,20 +179,27 @@ def calibrate(ce, score, policy, K, target, n, unit="token"):
     return best
 
 
-def exit_schedule(ce, score, policy, threshold, K, test_cost, target):
-    """The loops whose exit test pays for itself, per token, on these (calibration) batches. A
-    test costs test_cost loops (measured: exit_test_cost) for every token that reaches it;
-    a token costs the loops it runs and the tests it meets. From a test at every loop 1..K-1,
-    drop the test whose removal lowers the mean cost most, as long as the PPL stays within
-    target x full depth (a token let through goes on to a later test, or to loop K); stop when
-    no removal lowers it. Returns the loops kept, in order."""
+def exit_schedule(ce, score, policy, threshold, K, test_cost, target, batch=1):
+    """The loops whose exit test pays for itself when generating `batch` rows at a time, judged
+    on these (calibration) batches. A batch runs a loop, and pays for a tested loop's test
+    (test_cost loops, measured by exit_test_cost), while any of its rows runs: it costs the
+    loops of its last row to exit and the tests on the way. The batches are the calibration
+    tokens taken `batch` sequences at a time, position by position (each a different text, as
+    generation's rows are; the sequences that do not fill a batch are left out); at batch 1 a
+    token pays its own loops and tests. From a test at every loop 1..K-1, drop the test whose
+    removal lowers the mean cost most, as long as the PPL stays within target x full depth (a
+    token let through goes on to a later test, or to loop K); stop when no removal lowers it.
+    Returns the loops kept, in order."""
     full = math.exp(ce[K - 1].double().mean().item())
+    batch = min(batch, score.size(1))
+    S = score.size(1) // batch * batch
 
     def cost(tested):
-        exit_at = exit_loops(score, policy, threshold, K, "token", tested).double()
-        tests = sum((exit_at >= k).double() for k in tested) if tested else 0.0
+        exit_at = exit_loops(score, policy, threshold, K, "token", tested)
+        last = exit_at[:S].t().reshape(-1, batch).amax(dim=1).double()  # each batch's last row
+        tests = sum((last >= k).double() for k in tested) if tested else 0.0
         ppl = adaptive_exit(ce, score, policy, threshold, K, "token", tested)[1]
-        return (exit_at + test_cost * tests).mean().item(), ppl
+        return (last + test_cost * tests).mean().item(), ppl
 
     tested = set(range(1, K))
     best = cost(tested)[0]
@@ -602,46 +609,49 @@ def speed(model, data, halt, cfg, dtype="float32", cal=None, held=None):
     """Generation tokens/s with the KV cache, at batch 1 and 8: all K loops ("full") against
     exiting at the calibrated threshold of `halt` (eval.json's halting entry for cfg.policy per
     token; "exit"). Given the calibration batches' (ce, scores) `cal` and the held-out ones'
-    `held`, the exit tests run only at the loops where they pay (exit_schedule, with a test's
-    cost measured at batch 1 by exit_test_cost), and the exit's held-out PPL is that
-    schedule's; without them a test runs at every loop. Prompts are 32 tokens of `data`
-    (held-out text); both kinds sample with the same seeds. The rounds alternate full and exit
-    after an untimed warm-up of each; on a CPU in one thread, timed by the thread's CPU time
-    (other work on a shared machine stretches a wall clock, and not alike for both kinds: see
-    timer). Per batch: each kind's tokens/s (median round) and mean loops (over the rounds),
-    the exit's speed-up (the median of the rounds' paired ratios), the ideal speed-up K / mean
-    loops, and the speed-up's share of it."""
+    `held`, the exit tests run only at the loops where they pay at that batch size
+    (exit_schedule, with a test's cost measured there by exit_test_cost), and the exit's
+    held-out PPL is that schedule's; without them a test runs at every loop. Prompts are 32
+    tokens of `data` (held-out text); both kinds sample with the same seeds. The rounds
+    alternate full and exit after an untimed warm-up of each; on a CPU in one thread, timed by
+    the thread's CPU time (other work on a shared machine stretches a wall clock, and not alike
+    for both kinds: see timer). Per batch: each kind's tokens/s (median round) and mean loops
+    (over the rounds), the exit's speed-up (the median of the rounds' paired ratios), the ideal
+    speed-up K / mean loops, and the speed-up's share of it."""
     from sample import early_exit_row
     clock = timer(model.lm_head.weight.device)
     K = model.config.n_loops
     t = halt["threshold"]
-    kinds = {"full": {}}
     out = {"policy": cfg.policy, "threshold": t, "new_tokens": cfg.new_tokens,
            "clock": clock.__name__,
            "ppl": {"full": halt["ppl"] / halt["ratio"], "exit": halt["ppl"]}, "batch": {}}
-    if t is not None:  # None: no threshold met the target; halting runs all K loops
-        kinds["exit"] = {"exit_policy": cfg.policy, "exit_threshold": t}
-    if t is not None and cal is not None:
-        cost = exit_test_cost(model, speed_prompts(data, 1), cfg.policy, cfg.new_tokens,
-                                  cfg.rounds, dtype)
-        tested = exit_schedule(cal[0], cal[1][cfg.policy], cfg.policy, t, K, cost, cfg.target)
-        kinds["exit"]["exit_at"] = tested
-        out["test_cost"], out["tested_loops"] = cost, tested
-        out["ppl"]["exit"] = adaptive_exit(held[0], held[1][cfg.policy], cfg.policy, t, K,
-                                           "token", tested)[1]
     for b in SPEED_BATCHES:
-        times, loops = timed_rounds(kinds, speed_prompts(data, b), cfg.new_tokens, cfg.rounds,
-                                    model, dtype)
+        prompts = speed_prompts(data, b)
+        kinds = {"full": {}}
+        extra = {}
+        ppl = halt["ppl"] if t is not None else out["ppl"]["full"]
+        if t is not None:  # None: no threshold met the target; halting runs all K loops
+            kinds["exit"] = {"exit_policy": cfg.policy, "exit_threshold": t}
+        if t is not None and cal is not None:
+            cost = exit_test_cost(model, prompts, cfg.policy, cfg.new_tokens, cfg.rounds, dtype)
+            tested = exit_schedule(cal[0], cal[1][cfg.policy], cfg.policy, t, K, cost,
+                                   cfg.target, b)
+            kinds["exit"]["exit_at"] = tested
+            extra = {"test_cost": cost, "tested_loops": tested}
+            ppl = adaptive_exit(held[0], held[1][cfg.policy], cfg.policy, t, K, "token",
+                                tested)[1]
+        times, loops = timed_rounds(kinds, prompts, cfg.new_tokens, cfg.rounds, model, dtype)
         tokens = b * cfg.new_tokens
         row = {kind: early_exit_row(times, loops, "full", kind, K, tokens) for kind in kinds}
         exit_row = row.get("exit", row["full"])  # no threshold: the exit kind is the full one
         out["batch"][str(b)] = {
-            kind: {"tokens_per_s": row.get(kind, exit_row)["tokens_per_s"],
-                   "mean_loops": row.get(kind, exit_row)["mean_loops"]}
-            for kind in ("full", "exit")} | {
+            "full": {"tokens_per_s": row["full"]["tokens_per_s"],
+                     "mean_loops": row["full"]["mean_loops"]},
+            "exit": {"tokens_per_s": exit_row["tokens_per_s"],
+                     "mean_loops": exit_row["mean_loops"], "ppl": ppl},
             "speed_up": exit_row["speed_up"], "ideal": exit_row["ideal"],
-            "of_ideal": exit_row["of_ideal"]}
-    if "exit" not in kinds:
+            "of_ideal": exit_row["of_ideal"]} | extra
+    if t is None:
         out["ppl"]["exit"] = out["ppl"]["full"]
     return out
 
@@ -649,21 +659,20 @@ def speed(model, data, halt, cfg, dtype="float32", cal=None, held=None):
 def print_speed(s, K):
     t = "none" if s["threshold"] is None else f"{s['threshold']:.4g}"
     print(f"generation with the KV cache, {s['new_tokens']} tokens ({s['clock']}): all {K} "
-          f"loops vs {s['policy']} {EXIT_POLICIES[s['policy']]} {t} (calibrated)")
-    if s.get("tested_loops"):
-        loops = ",".join(map(str, s["tested_loops"]))
-        print(f"exit tests at loops {loops}, where they pay at {s['test_cost']:.2f} loops a test "
-              f"(sample.py --exit_at={loops})")
-    elif "tested_loops" in s:
-        print(f"no exit test pays at {s['test_cost']:.2f} loops a test: the exit runs all {K} "
-              f"loops (sample.py without --exit_policy)")
+          f"loops vs {s['policy']} {EXIT_POLICIES[s['policy']]} {t} (calibrated); held-out PPL "
+          f"{s['ppl']['full']:.3f} at full depth, {s['ppl']['exit']:.3f} testing every loop")
     print(f"{'batch':>5} {'full tok/s':>11} {'exit tok/s':>11} {'loops used':>11} {'speed-up':>9} "
-          f"{'ideal':>7} {'of ideal':>9}   held-out PPL {s['ppl']['full']:.3f} -> "
-          f"{s['ppl']['exit']:.3f}")
+          f"{'ideal':>7} {'of ideal':>9} {'exit PPL':>9}  tests at (loops a test)")
     for b, r in s["batch"].items():
+        tests = ""
+        if "tested_loops" in r:
+            tests = f"{','.join(map(str, r['tested_loops'])) or 'none'} ({r['test_cost']:.2f})"
         print(f"{b:>5} {r['full']['tokens_per_s']:>11.1f} {r['exit']['tokens_per_s']:>11.1f} "
               f"{r['exit']['mean_loops']:>7.2f}/{K} {r['speed_up']:>8.2f}x {r['ideal']:>6.2f}x "
-              f"{r['of_ideal']:>9.2f}")
+              f"{r['of_ideal']:>9.2f} {r['exit']['ppl']:>9.3f}  {tests}")
+    if any("tested_loops" in r for r in s["batch"].values()):
+        print("tests at: the loops whose exit test pays at that batch size (sample.py "
+              "--exit_at=...; none: the exit runs all loops, as without --exit_policy)")
 
 
 @torch.no_grad()

@@ -368,15 +368,20 @@ def halting_spread(haltings):
 
 
 def speed_row(speeds):
-    """Generation tok/s at full depth and at the calibrated threshold, per batch size, and the
-    held-out PPL of each, as spreads over seeds."""
+    """Generation tok/s at full depth and at the calibrated threshold, per batch size, with the
+    exit's held-out PPL, as spreads over seeds, and each seed's tested loops; the held-out PPL at
+    full depth and testing every loop."""
     out = {"policy": speeds[0]["policy"], "new_tokens": speeds[0]["new_tokens"],
            "ppl": {kind: spread([s["ppl"][kind] for s in speeds]) for kind in ("full", "exit")},
-           "tested_loops": [s.get("tested_loops") for s in speeds], "batch": {}}
+           "batch": {}}
     for b in speeds[0]["batch"]:
         runs = [s["batch"][b] for s in speeds]
         out["batch"][b] = {f"{kind}_{what}": spread([r[kind][what] for r in runs])
                            for kind in ("full", "exit") for what in ("tokens_per_s", "mean_loops")}
+        # eval.json from before the schedule: no exit PPL per batch (every loop was tested)
+        out["batch"][b]["exit_ppl"] = spread([r["exit"].get("ppl", s["ppl"]["exit"])
+                                              for r, s in zip(runs, speeds)])
+        out["batch"][b]["tested_loops"] = [r.get("tested_loops") for r in runs]
         for what in ("speed_up", "ideal", "of_ideal"):
             out["batch"][b][what] = spread([r[what] for r in runs])
     return out
@@ -509,15 +514,14 @@ def print_conditions(rows, policy="logit_margin"):
               f"{'loops used':>11} {'ideal':>6} {'of ideal':>13} {'PPL full':>13} "
               f"{'PPL exit':>13}  tests at (per seed)")
         for r in fast:
-            tests = " ".join(tested_loops(t) for t in r["speed"]["tested_loops"])
             for b, x in r["speed"]["batch"].items():
+                tests = " ".join(tested_loops(t) for t in x["tested_loops"])
                 print(f"{r['run']:<22} {b:>5} {pm(x['full_tokens_per_s'], '{:.0f}'):>13} "
                       f"{pm(x['exit_tokens_per_s'], '{:.0f}'):>13} "
                       f"{pm(x['speed_up'], '{:.2f}') + 'x':>13} "
                       f"{pm(x['exit_mean_loops'], '{:.2f}'):>11} {x['ideal']['mean']:>5.2f}x "
                       f"{pm(x['of_ideal'], '{:.2f}'):>13} "
-                      f"{pm(r['speed']['ppl']['full']):>13} {pm(r['speed']['ppl']['exit']):>13}  "
-                      f"{tests}")
+                      f"{pm(r['speed']['ppl']['full']):>13} {pm(x['exit_ppl']):>13}  {tests}")
 
 
 def tested_loops(loops):

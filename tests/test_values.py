@@ -633,8 +633,11 @@ def made_up_eval(g, K):
         loops = made_up(g, 1, 1, K)[0]
         speed_up = made_up(g, 1, 0.5, 3)[0]
         return {"full": {"tokens_per_s": made_up(g, 1, 100, 200)[0], "mean_loops": float(K)},
-                "exit": {"tokens_per_s": made_up(g, 1, 100, 300)[0], "mean_loops": loops},
-                "speed_up": speed_up, "ideal": K / loops, "of_ideal": speed_up / (K / loops)}
+                "exit": {"tokens_per_s": made_up(g, 1, 100, 300)[0], "mean_loops": loops,
+                         "ppl": made_up(g, 1, 5, 20)[0]},
+                "speed_up": speed_up, "ideal": K / loops, "of_ideal": speed_up / (K / loops),
+                "test_cost": made_up(g, 1, 0, 1)[0],
+                "tested_loops": [k for k in range(1, K) if made_up(g, 1, 0, 1)[0] < 0.5]}
     return {
         "n_loops": K, "full_depth_ppl": ppl[K - 1],
         "per_depth": {"k": list(range(1, 2 * K + 1)), "ce": [math.log(p) for p in ppl],
@@ -656,8 +659,6 @@ def made_up_eval(g, K):
         "endpoint": {"ce_gap": math.log(ppl[0] / ppl[K - 1]), "radial_fraction": radial},
         "speed": {"policy": "logit_margin", "threshold": 1.0, "new_tokens": 200,
                   "ppl": {"full": made_up(g, 1, 5, 20)[0], "exit": made_up(g, 1, 5, 20)[0]},
-                  "test_cost": made_up(g, 1, 0, 1)[0],
-                  "tested_loops": [k for k in range(1, K) if made_up(g, 1, 0, 1)[0] < 0.5],
                   "batch": {"1": speed_batch(), "8": speed_batch()}},
     }
 
@@ -739,7 +740,8 @@ def test_claims_json_recomputed_from_the_run_folders(tmp_path):
                         [r[kind][what] for r in runs]))
             for what in ("speed_up", "ideal", "of_ideal"):
                 assert speed[what] == pytest.approx(over_seeds([r[what] for r in runs]))
-        assert row["speed"]["tested_loops"] == [ev["speed"]["tested_loops"] for ev in evs]
+            assert speed["exit_ppl"] == pytest.approx(over_seeds([r["exit"]["ppl"] for r in runs]))
+            assert speed["tested_loops"] == [r["tested_loops"] for r in runs]
     claims = out["claims"]
     ratio, gain = {}, {}
     for name in ("scale_visible", "penalty"):
@@ -1284,27 +1286,24 @@ def test_evaluation_line_prints_the_logged_val_ce_and_norms(data_dir, tmp_path, 
 
 
 def test_print_speed_shows_full_then_exit(capsys):
-    """eval.py's speed table: 'held-out PPL full -> exit', and per batch each kind's tokens/s,
-    the loops used, the speed-up, the ideal and its share, from eval.json's speed entry."""
+    """eval.py's speed table: the held-out PPL at full depth and testing every loop, and per
+    batch each kind's tokens/s, the loops used, the speed-up, the ideal and its share, the exit's
+    PPL and the loops tested with a test's cost, from eval.json's speed entry."""
     from eval import print_speed
     row = {"full": {"tokens_per_s": 400.0, "mean_loops": 6.0},
-           "exit": {"tokens_per_s": 600.0, "mean_loops": 2.5},
+           "exit": {"tokens_per_s": 600.0, "mean_loops": 2.5, "ppl": 10.25},
            "speed_up": 1.5, "ideal": 2.4, "of_ideal": 0.625}
+    tested = dict(row, test_cost=0.3125, tested_loops=[2, 5])
+    untested = dict(row, test_cost=0.25, tested_loops=[])
     print_speed({"policy": "logit_margin", "threshold": 2.0, "new_tokens": 200,
                  "clock": "thread_time", "ppl": {"full": 10.0, "exit": 10.1},
-                 "batch": {"1": row}}, 6)
-    out = capsys.readouterr().out
-    assert "held-out PPL 10.000 -> 10.100" in out
-    assert out.splitlines()[-1].split() == ["1", "400.0", "600.0", "2.50/6", "1.50x", "2.40x",
-                                            "0.62"]
-    for loops, line in (([2, 5], "exit tests at loops 2,5, where they pay at 0.31 loops a test "
-                                 "(sample.py --exit_at=2,5)"),
-                        ([], "no exit test pays at 0.31 loops a test: the exit runs all 6 loops")):
-        print_speed({"policy": "logit_margin", "threshold": 2.0, "new_tokens": 200,
-                     "clock": "thread_time", "ppl": {"full": 10.0, "exit": 10.1},
-                     "batch": {"1": row}, "tested_loops": loops, "test_cost": 0.3125}, 6)
-        second = capsys.readouterr().out.splitlines()[1]
-        assert second.startswith(line), second
+                 "batch": {"1": row, "8": tested, "16": untested}}, 6)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("held-out PPL 10.000 at full depth, 10.100 testing every loop")
+    assert out[2].split() == ["1", "400.0", "600.0", "2.50/6", "1.50x", "2.40x", "0.62",
+                              "10.250"]
+    assert out[3].split()[0] == "8" and out[3].split()[-2:] == ["2,5", "(0.31)"]
+    assert out[4].split()[0] == "16" and out[4].split()[-2:] == ["none", "(0.25)"]
 
 
 def test_depth_map_legend_names_loops_1_to_K_in_their_shades(tmp_path, monkeypatch):
@@ -1420,12 +1419,19 @@ def exits_by_hand(score, policy, threshold, K, tested):
     return out
 
 
-def schedule_cost(ce, score, policy, threshold, K, cost, tested):
-    """(mean cost in loops, PPL) of a schedule, by hand: a token pays the loops it runs and
-    `cost` for each tested loop it reaches (the one it exits at included)."""
+def schedule_cost(ce, score, policy, threshold, K, cost, tested, batch=1):
+    """(mean cost in loops, PPL) of a schedule, by hand: a batch of `batch` sequences (0..b-1,
+    then b..2b-1, ...; a last partial one left out) at one position runs until its last row
+    exits and pays `cost` for each tested loop it reaches (the one it exits at included)."""
     loops = exits_by_hand(score.tolist(), policy, threshold, K, tested)
+    S, T = score.shape[1], score.shape[2]
+    batch = min(batch, S)
+    paid = []
+    for first in range(0, S - batch + 1, batch):
+        for t in range(T):
+            last = max(loops[s * T + t] for s in range(first, first + batch))
+            paid.append(last + cost * sum(1 for k in tested if k <= last))
     flat = ce.reshape(K, -1).tolist()
-    paid = [e + cost * sum(1 for k in tested if k <= e) for e in loops]
     nll = [flat[e - 1][i] for i, e in enumerate(loops)]
     return sum(paid) / len(paid), math.exp(sum(nll) / len(nll))
 
@@ -1465,6 +1471,13 @@ def test_exit_schedule_keeps_the_tests_that_pay_and_meets_the_target():
     score[2, 0, 10:60] = 1.0
     assert exit_schedule(ce, score, "max_prob", 0.5, 4, 0.3, 1.1) == [2, 3]
     assert exit_schedule(ce, score, "max_prob", 0.5, 4, 0.3, 10.0) == [3]
+    # a batch waits for its last row: half the sequences exit at loop 1, alternately, so at
+    # batch 1 the test there saves a loop for half the tokens, at batch 4 it never saves one
+    ce = torch.ones(3, 8, 2, dtype=torch.float64)
+    score = torch.zeros(3, 8, 2, dtype=torch.float64)
+    score[0, ::2] = 1.0
+    assert exit_schedule(ce, score, "max_prob", 0.5, 3, 0.3, 1.1) == [1]
+    assert exit_schedule(ce, score, "max_prob", 0.5, 3, 0.3, 1.1, batch=4) == []
     # the rule as the docstring states it, run here on schedule_cost: from every test, drop
     # the one whose removal lowers the cost most (within the target), a tie to fewer tests
     for seed in range(12):
@@ -1476,20 +1489,22 @@ def test_exit_schedule_keeps_the_tests_that_pay_and_meets_the_target():
         ce[1:] = torch.where(early, ce[1:] + 2, ce[1:])
         cost = [0.02, 0.1, 0.3, 0.6][seed % 4]
         target = [1.01, 1.1, 1.5][seed % 3]
+        batch = [1, 2][seed % 2]
         full = math.exp(ce[K - 1].mean().item())
         kept = set(range(1, K))
-        best = schedule_cost(ce, score, "max_prob", 0.7, K, cost, kept)[0]
+        best = schedule_cost(ce, score, "max_prob", 0.7, K, cost, kept, batch)[0]
         while kept:
             fits = []
             for k in sorted(kept):
-                c, p = schedule_cost(ce, score, "max_prob", 0.7, K, cost, kept - {k})
+                c, p = schedule_cost(ce, score, "max_prob", 0.7, K, cost, kept - {k}, batch)
                 if p <= target * full:
                     fits.append((c, k))
             if not fits or min(fits)[0] > best + 1e-12:
                 break
             best, k = min(fits)
             kept.remove(k)
-        assert exit_schedule(ce, score, "max_prob", 0.7, K, cost, target) == sorted(kept), seed
+        got = exit_schedule(ce, score, "max_prob", 0.7, K, cost, target, batch)
+        assert got == sorted(kept), seed
     assert exit_schedule(ce, score, "max_prob", t, K, 10.0, 10.0) == []
     everyone = torch.ones_like(score)  # every token passes at loop 1: loops 2..4 never tested
     assert exit_schedule(ce, everyone, "max_prob", t, K, 0.1, 10.0) == [1]
@@ -1526,9 +1541,10 @@ def test_exit_test_cost_is_the_tests_time_over_the_loops_time(monkeypatch):
 
 
 def test_speed_times_the_schedule_and_reports_its_held_out_ppl(tiny_runs, monkeypatch):
-    """speed given calibration and held-out (ce, scores): the exit kind generates with exit_at
-    = exit_schedule's loops at the measured test cost, and eval.json's exit PPL is the held-out
-    PPL of that schedule, computed here token by token."""
+    """speed given calibration and held-out (ce, scores): at each batch size the exit kind
+    generates with exit_at = exit_schedule's loops for that batch size at the test cost measured
+    there, and eval.json's exit PPL for it is the held-out PPL of that schedule, computed here
+    token by token."""
     import eval as eval_script
     import sample
     model = model_from_checkpoint(load_checkpoint(
@@ -1538,20 +1554,28 @@ def test_speed_times_the_schedule_and_reports_its_held_out_ppl(tiny_runs, monkey
     cal = (torch.rand(K, 4, 8, generator=g) * 3, {"max_prob": torch.rand(K, 4, 8, generator=g)})
     held = (torch.rand(K, 4, 8, generator=g) * 3,
             {"max_prob": torch.rand(K, 4, 8, generator=g)})
-    monkeypatch.setattr(eval_script, "exit_test_cost", lambda *a, **kw: 0.4)
-    want = eval_script.exit_schedule(cal[0], cal[1]["max_prob"], "max_prob", 0.8, K, 0.4, 1.5)
-    assert 0 < len(want) < K - 1  # some loops tested, not all: the PPL depends on which
+    costs = {1: 0.4, 8: 0.1}  # a test's cost measured at each batch size
+    monkeypatch.setattr(eval_script, "exit_test_cost",
+                        lambda model, prompts, *a, **kw: costs[prompts.size(0)])
+    want = {b: eval_script.exit_schedule(cal[0], cal[1]["max_prob"], "max_prob", 0.8, K, c, 1.5,
+                                         b) for b, c in costs.items()}
+    assert 0 < len(want[1]) < K - 1  # some loops tested, not all: the PPL depends on which
+    assert want[8] != want[1]
     seen = []
 
     def fake_generate(model, idx, n, exit_policy=None, exit_threshold=None, exit_at=None):
-        seen.append(exit_at)
+        if exit_policy:
+            seen.append((idx.size(0), exit_at))
         return idx, torch.full((idx.size(0), n), K)
     monkeypatch.setattr(sample, "generate", fake_generate)
     cfg = SimpleNamespace(policy="max_prob", new_tokens=4, rounds=1, target=1.5)
     halt = {"threshold": 0.8, "mean_loops": 2.0, "ppl": 9.0, "ratio": 1.01}
     out = eval_script.speed(model, np.arange(400), halt, cfg, cal=cal, held=held)
-    assert out["tested_loops"] == want and out["test_cost"] == 0.4
-    assert [a for a in seen if a is not None] == [want] * 4  # 2 rounds x 2 batch sizes
-    ppl = schedule_cost(held[0].double(), held[1]["max_prob"].double(), "max_prob", 0.8, K,
-                        0.0, want)[1]
-    assert out["ppl"]["exit"] == pytest.approx(ppl, rel=1e-6)
+    assert seen == [(1, want[1])] * 2 + [(8, want[8])] * 2  # 2 rounds per batch size
+    for b, c in costs.items():
+        r = out["batch"][str(b)]
+        assert r["tested_loops"] == want[b] and r["test_cost"] == c
+        ppl = schedule_cost(held[0].double(), held[1]["max_prob"].double(), "max_prob", 0.8, K,
+                            0.0, want[b])[1]
+        assert r["exit"]["ppl"] == pytest.approx(ppl, rel=1e-6)
+    assert out["ppl"] == {"full": pytest.approx(9.0 / 1.01), "exit": 9.0}  # every loop tested
