@@ -259,6 +259,8 @@ def _generate(model, idx, max_new_tokens, temperature, top_k, n_loops, policy, t
               use_cache, ragged, compile, exit_at):
     K = n_loops or model.config.n_loops
     tested = set(range(1, K)) if exit_at is None else {k for k in exit_at if k < K}
+    if not tested:  # no loop tests an exit: every token runs all K loops, as at fixed depth
+        policy = None
     bs = model.config.block_size
     idx = idx.to(model.lm_head.weight.device)  # the prompt, the tokens and the caches live there
     B, P = idx.shape

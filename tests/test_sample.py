@@ -266,6 +266,22 @@ def test_exit_tests_at_some_loops_only_match_recompute(use_cache, ragged, monkey
     assert torch.equal(loops, want_loops)
 
 
+def test_no_exit_test_is_fixed_depth(monkeypatch):
+    """exit_at=[] (no loop pays for its test, eval.py --run=speed's "none"): generation takes
+    the fixed-depth path, no readout before loop K and nothing of adaptive exit, and gives the
+    fixed-depth tokens with every token at loop K."""
+    model = lively()
+    prompt = torch.randint(37, (3, 5), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    want, _ = generate(model, prompt, 12)
+    for name in ("ragged_exit_step", "exit_loop"):
+        monkeypatch.setattr(sample, name, None)  # called: a TypeError
+    torch.manual_seed(0)
+    out, loops = generate(model, prompt, 12, exit_policy="max_prob", exit_threshold=0.35,
+                          exit_at=[])
+    assert torch.equal(out, want) and (loops == 4).all()
+
+
 INDUCTOR = pytest.mark.skipif(not os.environ.get("NANOLOOP_INDUCTOR_TEST"),
                               reason="NANOLOOP_INDUCTOR_TEST=1 builds the C++ graphs (40 s)")
 
