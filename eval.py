@@ -610,15 +610,16 @@ def speed(model, data, halt, cfg, dtype="float32", cal=None, held=None):
     exiting at the calibrated threshold of `halt` (eval.json's halting entry for cfg.policy per
     token; "exit"). Given the calibration batches' (ce, scores) `cal` and the held-out ones'
     `held`, the exit tests run only at the loops where they pay at that batch size
-    (exit_schedule, with a test's cost measured there by exit_test_cost), and the exit's
-    held-out PPL is that schedule's; without them a test runs at every loop. Prompts are 32
-    tokens of `data` (held-out text); both kinds sample with the same seeds. The rounds
-    alternate full and exit after an untimed warm-up of each; on a CPU in one thread, timed by
-    the thread's CPU time (other work on a shared machine stretches a wall clock, and not alike
-    for both kinds: see timer). Per batch: each kind's tokens/s (median round) and mean loops
+    (exit_schedule, with a test's cost measured there by exit_test_cost; a schedule that
+    rounds of its own do not find faster than all K loops is dropped for no test at all), and
+    the exit's held-out PPL is that of the tests used; without them a test runs at every loop.
+    Prompts are 32 tokens of `data` (held-out text); both kinds sample with the same seeds. The
+    rounds alternate full and exit after an untimed warm-up of each; on a CPU in one thread,
+    timed by the thread's CPU time (other work on a shared machine stretches a wall clock, and
+    not alike for both kinds: see timer). Per batch: each kind's tokens/s (median round) and mean loops
     (over the rounds), the exit's speed-up (the median of the rounds' paired ratios), the ideal
     speed-up K / mean loops, and the speed-up's share of it."""
-    from sample import early_exit_row
+    from sample import early_exit_row, paired
     clock = timer(model.lm_head.weight.device)
     K = model.config.n_loops
     t = halt["threshold"]
@@ -636,8 +637,14 @@ def speed(model, data, halt, cfg, dtype="float32", cal=None, held=None):
             cost = exit_test_cost(model, prompts, cfg.policy, cfg.new_tokens, cfg.rounds, dtype)
             tested = exit_schedule(cal[0], cal[1][cfg.policy], cfg.policy, t, K, cost,
                                    cfg.target, b)
-            kinds["exit"]["exit_at"] = tested
-            extra = {"test_cost": cost, "tested_loops": tested}
+            extra = {"test_cost": cost, "schedule": tested}
+            if tested:  # a schedule its own timing does not find faster is not used
+                check = timed_rounds({"full": {}, "exit": kinds["exit"] | {"exit_at": tested}},
+                                     prompts, cfg.new_tokens, cfg.rounds, model, dtype)[0]
+                extra["schedule_speed_up"] = paired(check, "full", "exit")
+                if extra["schedule_speed_up"] < 1.0:
+                    tested = []
+            kinds["exit"]["exit_at"] = extra["tested_loops"] = tested
             ppl = adaptive_exit(held[0], held[1][cfg.policy], cfg.policy, t, K, "token",
                                 tested)[1]
         times, loops = timed_rounds(kinds, prompts, cfg.new_tokens, cfg.rounds, model, dtype)
@@ -667,12 +674,16 @@ def print_speed(s, K):
         tests = ""
         if "tested_loops" in r:
             tests = f"{','.join(map(str, r['tested_loops'])) or 'none'} ({r['test_cost']:.2f})"
+        if r.get("schedule") and not r["tested_loops"]:
+            tests += (f"; {','.join(map(str, r['schedule']))} timed "
+                      f"{r['schedule_speed_up']:.2f}x, dropped")
         print(f"{b:>5} {r['full']['tokens_per_s']:>11.1f} {r['exit']['tokens_per_s']:>11.1f} "
               f"{r['exit']['mean_loops']:>7.2f}/{K} {r['speed_up']:>8.2f}x {r['ideal']:>6.2f}x "
               f"{r['of_ideal']:>9.2f} {r['exit']['ppl']:>9.3f}  {tests}")
     if any("tested_loops" in r for r in s["batch"].values()):
         print("tests at: the loops whose exit test pays at that batch size (sample.py "
-              "--exit_at=...; none: the exit runs all loops, as without --exit_policy)")
+              "--exit_at=...; none: the exit runs all loops, as without --exit_policy), and "
+              "a test's cost")
 
 
 @torch.no_grad()

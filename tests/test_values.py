@@ -1543,7 +1543,8 @@ def test_exit_test_cost_is_the_tests_time_over_the_loops_time(monkeypatch):
 def test_speed_times_the_schedule_and_reports_its_held_out_ppl(tiny_runs, monkeypatch):
     """speed given calibration and held-out (ce, scores): at each batch size the exit kind
     generates with exit_at = exit_schedule's loops for that batch size at the test cost measured
-    there, and eval.json's exit PPL for it is the held-out PPL of that schedule, computed here
+    there, unless rounds of its own find that schedule slower than full depth (then no test at
+    all), and eval.json's exit PPL for it is the held-out PPL of the tests used, computed here
     token by token."""
     import eval as eval_script
     import sample
@@ -1562,20 +1563,31 @@ def test_speed_times_the_schedule_and_reports_its_held_out_ppl(tiny_runs, monkey
     assert 0 < len(want[1]) < K - 1  # some loops tested, not all: the PPL depends on which
     assert want[8] != want[1]
     seen = []
+    clock = [0.0]
+    # a token of full depth takes 1 s; with exit tests, one and a half at batch 1 and half of
+    # that at batch 8: at batch 1 the schedule does not pay in its own timed rounds, so it is
+    # dropped and the exit runs with no test (exit_at=[])
+    per_token = {1: 1.5, 8: 0.5}
 
     def fake_generate(model, idx, n, exit_policy=None, exit_threshold=None, exit_at=None):
         if exit_policy:
             seen.append((idx.size(0), exit_at))
+        clock[0] += n * (per_token[idx.size(0)] if exit_at else 1.0)
         return idx, torch.full((idx.size(0), n), K)
     monkeypatch.setattr(sample, "generate", fake_generate)
+    monkeypatch.setattr(eval_script.time, "thread_time", lambda: clock[0])
     cfg = SimpleNamespace(policy="max_prob", new_tokens=4, rounds=1, target=1.5)
     halt = {"threshold": 0.8, "mean_loops": 2.0, "ppl": 9.0, "ratio": 1.01}
     out = eval_script.speed(model, np.arange(400), halt, cfg, cal=cal, held=held)
-    assert seen == [(1, want[1])] * 2 + [(8, want[8])] * 2  # 2 rounds per batch size
+    used = {1: [], 8: want[8]}
+    # a schedule's check: 2 rounds (a warm-up and a timed one); then the 2 reported rounds
+    assert seen == [(b, w) for b in (1, 8) for w in [want[b]] * 2 * bool(want[b]) + [used[b]] * 2]
     for b, c in costs.items():
         r = out["batch"][str(b)]
-        assert r["tested_loops"] == want[b] and r["test_cost"] == c
+        assert r["schedule"] == want[b] and r["tested_loops"] == used[b] and r["test_cost"] == c
+        if want[b]:
+            assert r["schedule_speed_up"] == pytest.approx(1 / per_token[b])
         ppl = schedule_cost(held[0].double(), held[1]["max_prob"].double(), "max_prob", 0.8, K,
-                            0.0, want[b])[1]
+                            0.0, used[b])[1]
         assert r["exit"]["ppl"] == pytest.approx(ppl, rel=1e-6)
     assert out["ppl"] == {"full": pytest.approx(9.0 / 1.01), "exit": 9.0}  # every loop tested
