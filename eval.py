@@ -616,9 +616,9 @@ def speed(model, data, halt, cfg, dtype="float32", cal=None, held=None):
     Prompts are 32 tokens of `data` (held-out text); both kinds sample with the same seeds. The
     rounds alternate full and exit after an untimed warm-up of each; on a CPU in one thread,
     timed by the thread's CPU time (other work on a shared machine stretches a wall clock, and
-    not alike for both kinds: see timer). Per batch: each kind's tokens/s (median round) and mean loops
-    (over the rounds), the exit's speed-up (the median of the rounds' paired ratios), the ideal
-    speed-up K / mean loops, and the speed-up's share of it."""
+    not alike for both kinds: see timer). Per batch: each kind's tokens/s (median round) and
+    mean loops (over the rounds), the exit's speed-up (the median of the rounds' paired
+    ratios), the ideal speed-up K / mean loops, and the speed-up's share of it."""
     from sample import early_exit_row, paired
     clock = timer(model.lm_head.weight.device)
     K = model.config.n_loops
