@@ -1,9 +1,12 @@
 import atexit
+import fnmatch
+import io
 import json
 import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -15,6 +18,7 @@ import pytest
 # environment says otherwise: the tests' models are tiny, so a second thread buys nothing, while
 # on a machine whose cores are busy a team of OpenMP threads waits for its slowest at every op
 # (5-10x slower). Set before anything imports torch (it reads this once, at import).
+GIVEN_ENV = dict(os.environ)  # as the tests were started: for a command that must see it
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,96 +50,259 @@ def data_dir(text_file, tmp_path_factory):
 
 def run(script, *args, env=None, timeout=120, **kw):
     """Run one of the project's scripts as a user would, with this interpreter (not whichever
-    `python` is on PATH) and a time limit; returns the CompletedProcess.
+    `python` is on PATH) and a time limit; returns the CompletedProcess (see run_cmd)."""
+    return run_cmd([sys.executable, os.path.join(ROOT, script), *args], env=env,
+                   timeout=timeout, **kw)
 
-    The process is forked from a zygote (tests/zygote.py) that has imported torch already: a
-    real process, with its own exit status, stdout and stderr, that runs the script from its
-    first line as __main__, without the seconds a fresh interpreter spends importing torch.
-    NANOLOOP_TEST_FRESH=1 starts a fresh interpreter for each instead, as does anything that
-    subprocess.run is given beyond the script, its arguments, environment and time limit."""
-    cmd = [sys.executable, os.path.join(ROOT, script), *args]
-    if kw or os.environ.get("NANOLOOP_TEST_FRESH"):
-        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env,
-                              timeout=timeout, **kw)
+
+def run_cmd(cmd, env=None, timeout=120, cwd=ROOT, **kw):
+    """subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout).
+
+    `python <script> ...` and `python -m <module> ...` run in a process forked from a zygote
+    (tests/zygote.py) that has imported torch already: a real process, with its own exit
+    status, stdout and stderr, that runs the script from its first line as __main__, without
+    the seconds a fresh interpreter spends importing torch and tearing it down. Any other
+    command, anything else given to subprocess.run, and every command when NANOLOOP_TEST_FRESH=1
+    is set, runs as given."""
     env = dict(os.environ) if env is None else dict(env)  # what subprocess.run would pass
-    return Zygote.of(env).run(cmd, env, timeout)
+    zygote = None if kw else Zygote.of(cmd, env)
+    if zygote is None:
+        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env,
+                              timeout=timeout, **kw)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = zygote.start(cmd, cwd, env, subprocess.DEVNULL, out, err)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:  # as subprocess.run: kill it, then raise
+            proc.kill()
+            proc.wait()
+            raise subprocess.TimeoutExpired(cmd, timeout, *(read(f, False) for f in (out, err)))
+        return subprocess.CompletedProcess(cmd, proc.returncode, read(out), read(err))
+
+
+def read(f, text=True):
+    """What a process wrote to the file f, as subprocess.run(text=text) returns it: decoded
+    with the locale's encoding, universal newlines."""
+    f.seek(0)
+    return io.TextIOWrapper(f).read() if text else f.read()
+
+
+def popen(cmd, env=None, stdout=None, stderr=None, cwd=ROOT, fresh=False):
+    """subprocess.Popen(cmd, cwd=cwd, env=env, stdout=stdout, stderr=stderr, text=True): as in
+    run_cmd, `python <script>` and `python -m <module>` are forked from a zygote, unless fresh.
+    stdout and stderr: subprocess.PIPE, a file, or None (this process's)."""
+    env = dict(os.environ) if env is None else dict(env)
+    zygote = None if fresh else Zygote.of(cmd, env)
+    if zygote is None:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=stdout, stderr=stderr, text=True)
+    return zygote.start(cmd, cwd, env, None, stdout, stderr)
+
+
+# The environment variables read at run time only, by the project, torchrun's workers or
+# reproduce.sh, never while torch, numpy or matplotlib are imported: a process forked from a
+# zygote may set these otherwise than the zygote was started with.
+RUNTIME_ONLY = ["PYTEST_CURRENT_TEST", "NANOLOOP_*", "_", "SHLVL", "PWD", "OLDPWD",
+                # torchrun gives its workers these
+                "RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "WORLD_SIZE",
+                "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "MASTER_ADDR",
+                "MASTER_PORT", "TORCHELASTIC_*", "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+                # reproduce.sh's knobs
+                "SEEDS", "ITERS", "JOBS", "RUNS", "PYTHON", "SPEED_TOKENS"]
+
+
+# Zygote.python: an executable that stands in for `python` where a test cannot run the command
+# itself (a bash script's $PYTHON, torchrun --no-python's workers): `python <script> ...` and
+# `python -m <module> ...` are forked from the zygote, with this process's stdin, stdout, stderr,
+# folder and environment, and the signals it gets passed on; it ends as the child did. Anything
+# else, or an environment the zygote refuses, runs in the real interpreter.
+SHIM = """#!EXECUTABLE -S
+import json, os, signal, socket, sys
+real, args = PYTHON, sys.argv[1:]
+if args[:1] == ["-m"] and len(args) > 1:
+    kind, target, args = "module", args[1], args[2:]
+elif args and not args[0].startswith("-"):
+    kind, target, args = "script", args[0], args[1:]
+else:
+    os.execv(real, [real, *args])
+conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+conn.connect(SOCKET)
+request = {"kind": kind, "target": target, "args": args, "cwd": os.getcwd(),
+           "env": dict(os.environ)}
+socket.send_fds(conn, [json.dumps(request).encode() + b"\\n"], [0, 1, 2])
+replies = conn.makefile("rb")
+reply = json.loads(replies.readline())
+if "refused" in reply:
+    os.execv(real, [real, *sys.argv[1:]])
+pid = reply["pid"]
+for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+    signal.signal(sig, lambda n, _: os.kill(pid, n))
+code = os.waitstatus_to_exitcode(json.loads(replies.readline())["status"])
+if code < 0:  # killed by a signal: so is this process
+    signal.signal(-code, signal.SIG_DFL)
+    os.kill(os.getpid(), -code)
+sys.exit(code)
+"""
+
+
+def python(env=None):
+    """The `python` for a command that runs the project's scripts in processes a test does not
+    start itself (see SHIM), under env (this process's by default)."""
+    env = dict(os.environ) if env is None else env
+    zygote = Zygote.of([sys.executable, "-m", "-"], env)
+    return sys.executable if zygote is None else zygote.python
 
 
 class Zygote:
     """A started zygote per environment (torch reads some variables, OMP_NUM_THREADS say,
-    when it is imported), started on first use; each ends when the session does (its request
-    pipe closes)."""
+    when it is imported, so a process whose environment differs in one of those gets a zygote
+    started in it), started on first use, ended with the session (its stdin closes)."""
     started = {}
-    VARYING = {"PYTEST_CURRENT_TEST"}  # pytest sets it per test; no import reads it
 
     @classmethod
-    def of(cls, env):
-        key = tuple(sorted((k, v) for k, v in env.items() if k not in cls.VARYING))
+    def of(cls, cmd, env):
+        """The zygote to fork cmd from, or None: cmd is not `python <script>` or `python -m
+        <module>` with this interpreter, or NANOLOOP_TEST_FRESH is set."""
+        if os.environ.get("NANOLOOP_TEST_FRESH") or len(cmd) < 2 or cmd[0] != sys.executable \
+                or cmd[1].startswith("-") and (cmd[1] != "-m" or len(cmd) < 3):
+            return None
+        key = tuple(sorted((k, v) for k, v in env.items()
+                           if not any(fnmatch.fnmatchcase(k, p) for p in RUNTIME_ONLY)))
         if key not in cls.started or cls.started[key].proc.poll() is not None:
             cls.started[key] = cls(env)
         return cls.started[key]
 
     def __init__(self, env):
         self.folder = tempfile.mkdtemp(prefix="nanoloop-zygote-")
-        req_r, req_w = os.pipe()
-        self.replies, rep_w = os.pipe()
+        self.socket = os.path.join(self.folder, "socket")
         self.log = open(os.path.join(self.folder, "zygote.log"), "w+")
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "tests", "zygote.py"), str(req_r), str(rep_w)],
-            cwd=ROOT, env=env, pass_fds=(req_r, rep_w), stdin=subprocess.DEVNULL,
-            stdout=self.log, stderr=self.log)
-        os.close(req_r)
-        os.close(rep_w)
-        self.requests = os.fdopen(req_w, "w")
-        self.unread = b""
+            [sys.executable, os.path.join(ROOT, "tests", "zygote.py"), self.socket,
+             json.dumps(RUNTIME_ONLY)], cwd=ROOT, env=env, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=self.log)
+        if self.proc.stdout.readline() != b"ready\n":
+            self.log.seek(0)
+            raise RuntimeError(f"the zygote did not start: {self.log.read()[-3000:]}")
+        self.python = os.path.join(self.folder, "python")
+        with open(self.python, "w") as f:
+            f.write(SHIM.replace("EXECUTABLE", sys.executable).replace(
+                "PYTHON", repr(sys.executable)).replace("SOCKET", repr(self.socket)))
+        os.chmod(self.python, 0o755)
         atexit.register(self.close)
 
     def close(self):
-        self.requests.close()  # the zygote's cue to end
+        self.proc.stdin.close()  # the zygote's cue to end
         self.proc.wait()
-        os.close(self.replies)
         self.log.close()
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def reply(self, timeout=None):
-        """The next reply, or None after `timeout` seconds without one (read unbuffered, so
-        that a reply already read is never waited for)."""
+    def start(self, cmd, cwd, env, stdin, stdout, stderr):
+        """The process of cmd, forked; stdin, stdout, stderr as subprocess.Popen takes them."""
+        kind, target, args = ("module", cmd[2], cmd[3:]) if cmd[1] == "-m" else \
+            ("script", cmd[1], cmd[2:])
+        ends, sent, pipes = [], [], {}  # the child's descriptors; ours to close; our ends
+        for i, how in enumerate((stdin, stdout, stderr)):
+            if how is None:  # this process's own
+                ends.append(i)
+            elif how == subprocess.DEVNULL:
+                ends.append(os.open(os.devnull, os.O_RDWR))
+                sent.append(ends[-1])
+            elif how == subprocess.PIPE:
+                r, w = os.pipe()
+                ends.append(r if i == 0 else w)
+                sent.append(ends[-1])
+                pipes[i] = w if i == 0 else r
+            else:
+                ends.append(how if isinstance(how, int) else how.fileno())
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(self.socket)
+        request = {"kind": kind, "target": target, "args": list(args), "cwd": str(cwd),
+                   "env": env}
+        socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], ends)
+        for fd in sent:
+            os.close(fd)
+        proc = Forked(cmd, conn, pipes)
+        reply = proc.reply(None)
+        if "refused" in reply:
+            raise RuntimeError(f"the zygote refused {cmd}: {reply['refused']} differs")
+        proc.pid = reply["pid"]
+        return proc
+
+
+class Forked:
+    """A process forked by a zygote, as subprocess.Popen(text=True) offers one: pid,
+    returncode, poll, wait, send_signal, terminate, kill, communicate, and stdin, stdout and
+    stderr for the streams given as subprocess.PIPE."""
+
+    def __init__(self, args, conn, pipes):
+        self.args, self.conn, self.unread = args, conn, b""
+        self.pid = self.returncode = None
+        self.stdin = open(pipes[0], "w") if 0 in pipes else None
+        self.stdout = open(pipes[1]) if 1 in pipes else None
+        self.stderr = open(pipes[2]) if 2 in pipes else None
+
+    def reply(self, timeout):
+        """The zygote's next line about this process, or None after `timeout` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while b"\n" not in self.unread:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not select.select([self.replies], [], [], left)[0]:
+            if not select.select([self.conn], [], [], left)[0]:
                 return None
-            chunk = os.read(self.replies, 4096)
+            chunk = self.conn.recv(4096)
             if not chunk:
-                self.log.seek(0)
-                raise RuntimeError(f"the zygote ended: {self.log.read()[-3000:]}")
+                raise RuntimeError(f"the zygote that ran {self.args} ended")
             self.unread += chunk
         line, self.unread = self.unread.split(b"\n", 1)
         return json.loads(line)
 
-    def run(self, cmd, env, timeout):
-        """subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=timeout), the process forked from the zygote."""
-        out, err = (os.path.join(self.folder, name) for name in ("stdout", "stderr"))
-        self.requests.write(json.dumps({"script": cmd[1], "args": cmd[2:], "cwd": ROOT,
-                                        "env": env, "stdout": out, "stderr": err}) + "\n")
-        self.requests.flush()
-        pid = self.reply()["pid"]
-        done = self.reply(timeout)
-        if done is None:  # as subprocess.run: kill it, then raise
-            os.kill(pid, signal.SIGKILL)
-            self.reply()
-        outputs = []
-        for path in (out, err):
-            # text=True: the locale's encoding, universal newlines (bytes in TimeoutExpired)
-            with open(path, "rb" if done is None else "r") as f:
-                outputs.append(f.read())
-            os.remove(path)
-        if done is None:
-            raise subprocess.TimeoutExpired(cmd, timeout, *outputs)
-        return subprocess.CompletedProcess(cmd, os.waitstatus_to_exitcode(done["status"]),
-                                           *outputs)
+    def poll(self, timeout=0):
+        if self.returncode is None:
+            reply = self.reply(timeout)
+            if reply is not None:
+                self.returncode = os.waitstatus_to_exitcode(reply["status"])
+                self.conn.close()
+        return self.returncode
 
+    def wait(self, timeout=None):
+        if self.poll(timeout) is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def send_signal(self, sig):
+        if self.poll() is None:  # as Popen: never signal a process already collected
+            os.kill(self.pid, sig)
+
+    def terminate(self):
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, timeout=None):
+        """Read stdout and stderr to their end, then wait; (stdout, stderr)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        streams = {f: [] for f in (self.stdout, self.stderr) if f is not None}
+        for f in streams:
+            os.set_blocking(f.fileno(), False)
+        open_ = list(streams)
+        while open_:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = select.select(open_, [], [], left)[0]
+            if not ready:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            for f in ready:
+                chunk = os.read(f.fileno(), 1 << 16)
+                if chunk:
+                    streams[f].append(chunk)
+                else:
+                    open_.remove(f)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        self.wait(left)
+        out = [None, None]
+        for i, f in enumerate((self.stdout, self.stderr)):
+            if f is not None:
+                out[i] = io.TextIOWrapper(io.BytesIO(b"".join(streams[f]))).read()
+                f.close()
+        return tuple(out)
 
 def read_log(out_dir):
     with open(os.path.join(out_dir, "log.jsonl")) as f:

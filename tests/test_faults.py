@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, TINY, read_log, run
+from conftest import ROOT, TINY, popen, read_log, run, run_cmd
 
 
 def train_args(data_dir, out, *extra, dataset="tiny_char"):
@@ -186,8 +186,8 @@ def test_out_dir_that_is_a_file(data_dir, tmp_path):
 
 def start(args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return popen([sys.executable, os.path.join(ROOT, "train.py"), *args], env=env,
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def wait_for_log(out, n, proc, timeout=60):
@@ -295,9 +295,8 @@ def test_eval_finds_the_data_the_run_was_trained_on(run_copy, tmp_path):
     """From another folder, without --data_dir: the run's recorded data_dir is used."""
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), f"--out_dir={run_copy}",
-                        "--eval_iters=1", "--n_thresholds=2"], cwd=elsewhere,
-                       capture_output=True, text=True, timeout=120)
+    p = run_cmd([sys.executable, os.path.join(ROOT, "eval.py"), f"--out_dir={run_copy}",
+                 "--eval_iters=1", "--n_thresholds=2"], cwd=elsewhere)
     assert p.returncode == 0, p.stderr[-1000:]
 
 

@@ -319,11 +319,13 @@ def test_reproduce_two_seeds_on_tiny_runs(data_dir, tmp_path):
     """SEEDS=2 bash reproduce.sh: each seed's run in its own folder, trained with its own seed,
     evaluated and timed; claims.json judges each seed and tabulates both."""
     import subprocess
-    import sys
-    from conftest import ROOT, TINY
+    from conftest import GIVEN_ENV, ROOT, TINY, python
     from rundir import load_checkpoint
-    env = os.environ | {"SEEDS": "2", "ITERS": "2", "RUNS": "rmsnorm", "PYTHON": sys.executable,
-                        "SPEED_TOKENS": "8"}
+    # the environment the tests were given (conftest's OMP_NUM_THREADS=1 would set nproc, and
+    # so the default JOBS, to 1); its python: conftest's, which forks each script's process
+    # from a zygote
+    env = GIVEN_ENV | {"SEEDS": "2", "ITERS": "2", "RUNS": "rmsnorm", "PYTHON": python(),
+                       "SPEED_TOKENS": "8"}
     out = tmp_path / "repro"
     p = subprocess.run(["bash", os.path.join(ROOT, "reproduce.sh"), str(out), *TINY,
                         f"--data_dir={data_dir}", "--dataset=tiny_char", "--eval_interval=2"],

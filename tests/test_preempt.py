@@ -12,14 +12,13 @@ import random
 import re
 import signal
 import socket
-import subprocess
 import sys
 import time
 
 import pytest
 import torch
 
-from conftest import ROOT, TINY, read_log
+from conftest import ROOT, TINY, popen, read_log
 
 STEPS = 60
 # dropout: a resume must continue the RNG. eval_interval does not change the weights (an
@@ -50,13 +49,13 @@ def torchrun_cmd(data_dir, out, *extra, restarts=0):
             *train_cmd(data_dir, out, *extra, args=COMMON)[1:]]
 
 
-def launch(cmd, logs, env=ENV):
+def launch(cmd, logs, env=ENV, fresh=False):
     """Start cmd with stdout and stderr in files under `logs` (a pipe nobody reads can fill up
-    and stall the process)."""
+    and stall the process); forked from a zygote (conftest.popen), unless fresh."""
     logs.mkdir(exist_ok=True)
     n = len(list(logs.glob("*.out")))
     with open(logs / f"{n}.out", "w") as o, open(logs / f"{n}.err", "w") as e:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=o, stderr=e)
+        proc = popen(cmd, env=env, stdout=o, stderr=e, fresh=fresh)
     proc.out, proc.err = logs / f"{n}.out", logs / f"{n}.err"
     return proc
 
@@ -105,7 +104,8 @@ class Reference:
 
     def __init__(self, out, logs, *runs):
         self.out = out
-        self.procs = [launch(cmd, logs, env) for cmd, env in runs]
+        # a group's processes start fresh (see test_device.torchrun)
+        self.procs = [launch(cmd, logs, env, fresh=len(runs) > 1) for cmd, env in runs]
 
     def checkpoint(self):
         for proc in self.procs:
