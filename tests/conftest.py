@@ -55,7 +55,7 @@ def run(script, *args, env=None, timeout=120, **kw):
                    timeout=timeout, **kw)
 
 
-def run_cmd(cmd, env=None, timeout=120, cwd=ROOT, **kw):
+def run_cmd(cmd, env=None, timeout=120, cwd=ROOT, forked_children=False, **kw):
     """subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout).
 
     `python <script> ...` and `python -m <module> ...` run in a process forked from a zygote
@@ -63,14 +63,16 @@ def run_cmd(cmd, env=None, timeout=120, cwd=ROOT, **kw):
     status, stdout and stderr, that runs the script from its first line as __main__, without
     the seconds a fresh interpreter spends importing torch and tearing it down. Any other
     command, anything else given to subprocess.run, and every command when NANOLOOP_TEST_FRESH=1
-    is set, runs as given."""
+    is set, runs as given. forked_children: the script's sys.executable is the zygote's python
+    (SHIM), so that the Python processes it starts with sys.executable are forked too."""
     env = dict(os.environ) if env is None else dict(env)  # what subprocess.run would pass
     zygote = None if kw else Zygote.of(cmd, env)
     if zygote is None:
         return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env,
                               timeout=timeout, **kw)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = zygote.start(cmd, cwd, env, subprocess.DEVNULL, out, err)
+        proc = zygote.start(cmd, cwd, env, subprocess.DEVNULL, out, err,
+                            zygote.python if forked_children else None)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:  # as subprocess.run: kill it, then raise
@@ -195,8 +197,9 @@ class Zygote:
         self.log.close()
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def start(self, cmd, cwd, env, stdin, stdout, stderr):
-        """The process of cmd, forked; stdin, stdout, stderr as subprocess.Popen takes them."""
+    def start(self, cmd, cwd, env, stdin, stdout, stderr, executable=None):
+        """The process of cmd, forked; stdin, stdout, stderr as subprocess.Popen takes them;
+        executable: its sys.executable, if not this interpreter."""
         kind, target, args = ("module", cmd[2], cmd[3:]) if cmd[1] == "-m" else \
             ("script", cmd[1], cmd[2:])
         ends, sent, pipes = [], [], {}  # the child's descriptors; ours to close; our ends
@@ -216,7 +219,7 @@ class Zygote:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(self.socket)
         request = {"kind": kind, "target": target, "args": list(args), "cwd": str(cwd),
-                   "env": env}
+                   "env": env, "executable": executable}
         socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], ends)
         for fd in sent:
             os.close(fd)

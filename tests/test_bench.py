@@ -36,10 +36,11 @@ def tiny(*extra):
 
 def test_bench_runs_every_case_and_prints_ratios(tmp_path):
     out = tmp_path / "bench.json"
-    # one vocabulary (a fresh process per case): the other one's cases run in-process below
+    # one vocabulary (a process per case, which bench.py starts with sys.executable: here
+    # forked from conftest's zygote too): the other one's cases run in-process below
     p = run("bench.py", "--block_size=32", "--batch_size=2", "--n_loops=2", "--steps=1",
             "--warmup=0", "--rounds=1", "--gen_tokens=8", f"--json={out}", "--vocab=gpt2",
-            timeout=120,
+            timeout=120, forked_children=True,
             env=dict(os.environ, OMP_NUM_THREADS="1"))  # as one_thread, for its processes
     assert p.returncode == 0, p.stderr[-2000:]
     for words in ("n_layer 2, n_head 4, n_embd 128, K 2",  # config/cpu.py's sizes

@@ -26,12 +26,13 @@ fresh process's are. Its parent is this process, not the one that asked for it.
 
 Protocol: `python zygote.py SOCKET PATTERNS` listens on the Unix socket SOCKET, prints "ready",
 and ends when its stdin closes. A client connects and sends one JSON line {kind: "script" |
-"module", target, args, cwd, env} with three file descriptors (the child's stdin, stdout and
+"module", target, args, cwd, env, executable (the child's sys.executable, if not this
+interpreter's)} with three file descriptors (the child's stdin, stdout and
 stderr); the reply is {"pid": ...} at once, then {"status": waitstatus} when the child ends. A
 request whose environment differs from this process's in a variable that no pattern in the JSON
 list PATTERNS matches (the variables read at run time only) is refused: {"refused": name}. A
-client that hangs up before its child ends takes the child with it (SIGKILL), as a process
-group would.
+client that hangs up before its child ends takes the child with it (SIGTERM, and SIGKILL 5 s
+later), as does the end of the session.
 """
 
 import fnmatch
@@ -42,6 +43,7 @@ import select
 import signal
 import socket
 import sys
+import time
 
 import matplotlib
 
@@ -81,6 +83,13 @@ def receive(conn):
     return json.loads(data), fds
 
 
+def end(running, ending, pidfd, grace=5.0):
+    """Begin to end a child whose client is gone: SIGTERM (a torchrun launcher then ends its
+    workers), and SIGKILL after `grace` seconds."""
+    os.kill(running[pidfd][0], signal.SIGTERM)
+    ending[pidfd] = time.monotonic() + grace
+
+
 def serve(path, runtime_only):
     """Fork a child per request until stdin closes; returns in a forked child only, with its
     request and descriptors."""
@@ -89,19 +98,27 @@ def serve(path, runtime_only):
     listener.listen(64)
     print("ready", flush=True)
     running = {}  # pidfd -> (pid, connection)
-    killed = set()  # pidfds of children whose client hung up
+    ending = {}  # pidfd -> when to SIGKILL the child, after the SIGTERM its end began with
+    over = False  # the test session is over: end the children, then this process
     while True:
-        conns = {conn.fileno(): pidfd for pidfd, (_, conn) in running.items()
-                 if pidfd not in killed}
-        ready = select.select([0, listener, *running, *conns], [], [])[0]
-        if 0 in ready and not os.read(0, 1 << 16):  # the test session is over
-            for pid, _ in running.values():
-                os.kill(pid, signal.SIGKILL)
+        now = time.monotonic()
+        for pidfd, deadline in ending.items():
+            if deadline is not None and now >= deadline:
+                os.kill(running[pidfd][0], signal.SIGKILL)
+                ending[pidfd] = None
+        if over and not running:
             os._exit(0)
+        conns = {conn.fileno(): pidfd for pidfd, (_, conn) in running.items()
+                 if pidfd not in ending}
+        waits = [d - now for d in ending.values() if d is not None]
+        ready = select.select([*([] if over else [0, listener]), *running, *conns], [], [],
+                              max(0.0, min(waits)) if waits else None)[0]
+        if 0 in ready and not os.read(0, 1 << 16):
+            over = True
         for fd in ready:
             if fd in running:  # a child ended
                 pid, conn = running.pop(fd)
-                killed.discard(fd)
+                ending.pop(fd, None)
                 os.close(fd)
                 _, status = os.waitpid(pid, 0)
                 try:
@@ -110,9 +127,12 @@ def serve(path, runtime_only):
                     pass  # its client left
                 conn.close()
             elif fd in conns and conns[fd] in running:  # its client hung up before it ended
-                pid, _ = running[conns[fd]]
-                os.kill(pid, signal.SIGKILL)
-                killed.add(conns[fd])
+                end(running, ending, conns[fd])
+        if over:
+            for pidfd in running:
+                if pidfd not in ending:
+                    end(running, ending, pidfd)
+            continue
         if listener in ready:
             conn, _ = listener.accept()
             req, fds = receive(conn)
@@ -153,6 +173,8 @@ def become(req, fds):
     os.environ.clear()
     os.environ.update(req["env"])
     numpy.random.seed()  # from the OS, as a fresh process's
+    if req.get("executable"):  # the client's python, which forks what it runs from here too
+        sys.executable = req["executable"]
     if req["kind"] == "script":
         sys.argv = [req["target"], *req["args"]]
         sys.path[0] = os.path.dirname(os.path.abspath(req["target"]))
@@ -163,7 +185,7 @@ def become(req, fds):
 
 
 _kind, _target = become(*serve(sys.argv[1], json.loads(sys.argv[2])))
-del serve, become, receive, refused
+del serve, become, receive, refused, end
 
 import runpy  # noqa: E402
 
