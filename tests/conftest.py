@@ -30,6 +30,21 @@ TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--n_loops=3", "--block_size
         "--log_interval=1", "--init=gpt2"]
 
 
+def pytest_collection(session):
+    """Start the zygote of this environment while the tests are collected (seconds, on the other
+    core), where they include tests that run the scripts."""
+    files = [str(a) for a in session.config.args]
+    if not files or any(f.rstrip("/").endswith("tests") or os.path.basename(f).split("::")[0]
+                        in SCRIPT_TESTS for f in files):
+        Zygote.of([sys.executable, "-m", "-"], dict(os.environ))
+
+
+# the test files that run the scripts in processes
+SCRIPT_TESTS = {"test_bench.py", "test_device.py", "test_eval.py", "test_faults.py",
+                "test_options.py", "test_plots.py", "test_preempt.py", "test_reliability.py",
+                "test_sample.py", "test_train.py"}
+
+
 @pytest.fixture(scope="session")
 def text_file(tmp_path_factory):
     from prepare import shakespeare_text
@@ -151,7 +166,7 @@ def python(env=None):
     start itself (see SHIM), under env (this process's by default)."""
     env = dict(os.environ) if env is None else env
     zygote = Zygote.of([sys.executable, "-m", "-"], env)
-    return sys.executable if zygote is None else zygote.python
+    return sys.executable if zygote is None else zygote.wait().python
 
 
 class Zygote:
@@ -181,15 +196,22 @@ class Zygote:
             [sys.executable, os.path.join(ROOT, "tests", "zygote.py"), self.socket,
              json.dumps(RUNTIME_ONLY)], cwd=ROOT, env=env, stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=self.log)
-        if self.proc.stdout.readline() != b"ready\n":
-            self.log.seek(0)
-            raise RuntimeError(f"the zygote did not start: {self.log.read()[-3000:]}")
+        self.ready = False  # it says so once it has imported torch (see wait): seconds
         self.python = os.path.join(self.folder, "python")
         with open(self.python, "w") as f:
             f.write(SHIM.replace("EXECUTABLE", sys.executable).replace(
                 "PYTHON", repr(sys.executable)).replace("SOCKET", repr(self.socket)))
         os.chmod(self.python, 0o755)
         atexit.register(self.close)
+
+    def wait(self):
+        """Wait for the zygote to listen; returns it."""
+        if not self.ready:
+            if self.proc.stdout.readline() != b"ready\n":
+                self.log.seek(0)
+                raise RuntimeError(f"the zygote did not start: {self.log.read()[-3000:]}")
+            self.ready = True
+        return self
 
     def close(self):
         self.proc.stdin.close()  # the zygote's cue to end
@@ -202,6 +224,7 @@ class Zygote:
         executable: its sys.executable, if not this interpreter."""
         kind, target, args = ("module", cmd[2], cmd[3:]) if cmd[1] == "-m" else \
             ("script", cmd[1], cmd[2:])
+        self.wait()
         ends, sent, pipes = [], [], {}  # the child's descriptors; ours to close; our ends
         for i, how in enumerate((stdin, stdout, stderr)):
             if how is None:  # this process's own
