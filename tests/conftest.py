@@ -128,10 +128,11 @@ RUNTIME_ONLY = ["PYTEST_CURRENT_TEST", "NANOLOOP_*", "_", "SHLVL", "PWD", "OLDPW
 
 
 # Zygote.python: an executable that stands in for `python` where a test cannot run the command
-# itself (a bash script's $PYTHON, torchrun --no-python's workers): `python <script> ...` and
-# `python -m <module> ...` are forked from the zygote, with this process's stdin, stdout, stderr,
-# folder and environment, and the signals it gets passed on; it ends as the child did. Anything
-# else, or an environment the zygote refuses, runs in the real interpreter.
+# itself (a bash script's $PYTHON, a script's sys.executable): `python <script> ...` and
+# `python -m <module> ...` are forked from the first of its zygotes that takes the environment,
+# with this process's stdin, stdout, stderr, folder and environment, and the signals it gets
+# passed on; it ends as the child did. Anything else, or an environment no zygote takes (or one
+# not listening yet), runs in the real interpreter.
 SHIM = """#!EXECUTABLE -S
 import json, os, signal, socket, sys
 real, args = PYTHON, sys.argv[1:]
@@ -141,14 +142,20 @@ elif args and not args[0].startswith("-"):
     kind, target, args = "script", args[0], args[1:]
 else:
     os.execv(real, [real, *args])
-conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-conn.connect(SOCKET)
 request = {"kind": kind, "target": target, "args": args, "cwd": os.getcwd(),
            "env": dict(os.environ)}
-socket.send_fds(conn, [json.dumps(request).encode() + b"\\n"], [0, 1, 2])
-replies = conn.makefile("rb")
-reply = json.loads(replies.readline())
-if "refused" in reply:
+for path in SOCKETS:
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(path)
+    except OSError:
+        continue
+    socket.send_fds(conn, [json.dumps(request).encode() + b"\\n"], [0, 1, 2])
+    replies = conn.makefile("rb")
+    reply = json.loads(replies.readline())
+    if "pid" in reply:
+        break
+else:
     os.execv(real, [real, *sys.argv[1:]])
 pid = reply["pid"]
 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
@@ -161,12 +168,25 @@ sys.exit(code)
 """
 
 
-def python(env=None):
+def shim(path, sockets):
+    with open(path, "w") as f:
+        f.write(SHIM.replace("EXECUTABLE", sys.executable).replace(
+            "PYTHON", repr(sys.executable)).replace("SOCKETS", repr(sockets)))
+    os.chmod(path, 0o755)
+    return path
+
+
+def python(*envs):
     """The `python` for a command that runs the project's scripts in processes a test does not
-    start itself (see SHIM), under env (this process's by default)."""
-    env = dict(os.environ) if env is None else env
-    zygote = Zygote.of([sys.executable, "-m", "-"], env)
-    return sys.executable if zygote is None else zygote.wait().python
+    start itself (see SHIM), with a zygote for each of envs (this process's environment if none
+    is given): the first listening one that takes a process's environment forks it."""
+    zygotes = [Zygote.of([sys.executable, "-m", "-"], dict(env))
+               for env in envs or [os.environ]]
+    if None in zygotes:
+        return sys.executable
+    zygotes[0].wait()
+    name = "python-" + "-".join(str(id(z)) for z in zygotes)
+    return shim(os.path.join(zygotes[0].folder, name), [z.socket for z in zygotes])
 
 
 class Zygote:
@@ -197,11 +217,7 @@ class Zygote:
              json.dumps(RUNTIME_ONLY)], cwd=ROOT, env=env, stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=self.log)
         self.ready = False  # it says so once it has imported torch (see wait): seconds
-        self.python = os.path.join(self.folder, "python")
-        with open(self.python, "w") as f:
-            f.write(SHIM.replace("EXECUTABLE", sys.executable).replace(
-                "PYTHON", repr(sys.executable)).replace("SOCKET", repr(self.socket)))
-        os.chmod(self.python, 0o755)
+        self.python = shim(os.path.join(self.folder, "python"), [self.socket])
         atexit.register(self.close)
 
     def wait(self):
