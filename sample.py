@@ -131,6 +131,14 @@ class KVCache:
         self.T, self.end = T, pos + T
         self.pos = self.positions[pos:self.end]  # tensors, so a compiled graph takes any step
         self.last = self.positions[self.end - 1:self.end]
+        self.mask = None  # causal
+        self.frozen = None  # a fill's rows past their exit loop at its positions: [B, T] or None
+
+    def only(self, pos):
+        """This loop of a fill runs the positions `pos` only (a sorted index tensor): each
+        query sees the keys at its own position and before."""
+        self.T, self.pos = pos.numel(), pos
+        self.mask = self.positions[:self.end] <= pos[:, None]
 
     def exit_rule(self, used):
         """The early-exit rule at this step's last position, once its loops are done: a token
@@ -163,6 +171,12 @@ class KVCache:
                                cache.kv.index_select(1, self.last))
             cache.kv.index_copy_(1, self.last, kept)
 
+    def keep_above(self, k, pos):
+        """The exit rule for positions loop k did not run: every row takes loop k - 1's keys
+        and values there."""
+        for cache in self.loops[k]:
+            cache.kv.index_copy_(1, pos, cache.above.kv.index_select(1, pos))
+
 
 class LoopCache:
     """One (loop, layer) of a KVCache: its buffer, its layer's decode weights (Layer.decode
@@ -185,7 +199,11 @@ class LoopCache:
         new = qkv.view(-1, c.T, 3, n_head, qkv.size(-1) // (3 * n_head))
         q = new.select(2, 0).transpose(1, 2)  # [B, H, T, D] (select, narrow: cheaper calls
         if c.rows is None:                     # than indexing with slices)
-            self.kv.index_copy_(1, c.pos, new.narrow(2, 1, 2))
+            kv = new.narrow(2, 1, 2)
+            if c.frozen is not None:  # the exit rule, before any query sees these keys
+                above = self.above.kv.index_select(1, c.pos)
+                kv = torch.where(c.frozen[:, :, None, None, None], above, kv)
+            self.kv.index_copy_(1, c.pos, kv)
         else:  # a ragged batch, one token: the running rows' queries join the others' stale
             # ones in one attention over the whole batch, whose other rows are dropped after
             # (on a CPU, gathering the running rows' keys and values cost as much as it saved)
@@ -196,7 +214,8 @@ class LoopCache:
         else:  # the positions held; a fill (T > 1, from position 0) is causal
             end = c.end
             y = F.scaled_dot_product_attention(q, self.keys.narrow(2, 0, end),
-                                               self.values.narrow(2, 0, end), is_causal=c.T > 1)
+                                               self.values.narrow(2, 0, end), attn_mask=c.mask,
+                                               is_causal=c.mask is None and c.T > 1)
         if c.rows is not None:
             y = y.index_select(0, c.rows)
         return y.transpose(1, 2).reshape(qkv.size(0), -1)
@@ -243,9 +262,10 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, n_loops=No
     on the model's device. Depth: a fixed `n_loops` (default K), or adaptive per token: the first
     loop whose readout passes `exit_policy` at `exit_threshold` (at most n_loops), of the loops
     `exit_at` (default: every loop; a loop not in it runs no readout and no test). When the cache
-    reaches block_size it is refilled from the last block_size // 2 tokens, which run every loop
-    again (only the last one's exit is decided anew); without a cache the context is cropped to
-    block_size every token, as in nanoGPT. ragged: adaptive exit runs the deeper loops on the
+    reaches block_size it is refilled from the last block_size // 2 tokens, each running the
+    loops it ran in its own step (an exited token's deeper keys and values stay its exit loop's;
+    the prompt's tokens run every loop); without a cache the context is cropped to block_size
+    every token, as in nanoGPT. ragged: adaptive exit runs the deeper loops on the
     rows still running only (None: where it pays, see use_ragged). compile: each loop of a
     one-token step of the whole batch is a compiled graph (see compiled_steps; a ragged batch
     runs eagerly). The model runs as in eval mode."""
@@ -281,12 +301,25 @@ def _generate(model, idx, max_new_tokens, temperature, top_k, n_loops, policy, t
             window = bs // 2 if cache is not None and n_cached else bs
             x, pos0 = out[:, max(0, t - window):t], 0
         one = x.size(1) == 1
+        earlier = None
+        if not one and cache is not None and policy is not None and loops_used:  # a refill
+            earlier = exit_loops(loops_used, P, t - x.size(1), t - 1, K)
         logits, used = exit_step(model, x, pos0, K, cache, policy, threshold,
-                                 ragged and one, steps if one else (fixed_loop, exit_loop), tested)
+                                 ragged and one, steps if one else (fixed_loop, exit_loop), tested,
+                                 earlier)
         n_cached = pos0 + x.size(1)
         out[:, t:t + 1] = sample_next(logits, temperature, top_k)
         loops_used.append(used)
     return out, torch.stack(loops_used, dim=1)
+
+
+def exit_loops(loops_used, P, start, end, K):
+    """The exit loops of positions start..end-1 as lists [B][end - start]: a prompt token's
+    K (its loops all run), except the prompt's last, whose exit the first step decided; a
+    generated token's from the step that took it as its last position."""
+    steps = torch.stack(loops_used[max(0, start - P + 1):end - P + 1], dim=1).tolist()
+    prompt = [K] * (min(end, P - 1) - start) if start < P - 1 else []
+    return [prompt + row for row in steps]
 
 
 def who_exited(done):
@@ -298,18 +331,19 @@ def who_exited(done):
 
 
 def exit_step(model, x, pos0, K, cache, policy, threshold, ragged=False,
-              steps=None, tested=None):
+              steps=None, tested=None, earlier=None):
     """Run the loops on x [B, T] at positions pos0..; decode its last position. Returns logits
     [B, V] and exit loops [B]. Cache rule for adaptive exit: a token that exits at loop e gets,
     at the deeper loops, the keys/values of loop e, so later tokens see its exit state.
     ragged: the rows that exit leave the batch (ragged_exit_step); else every row runs until
     every row has exited. steps: the functions that run one loop (compiled or not). tested:
-    the loops < K with an exit test (default: all)."""
+    the loops < K with an exit test (default: all). earlier: for a fill of the cache, the exit
+    loops of its positions before the last ([B][T - 1] lists; default K, as for a prompt)."""
     fixed, adaptive = steps or (fixed_loop, exit_loop)
     if cache is not None:
         cache.step(pos0, x.size(1))
     h = model.embed(x, pos0)
-    B = x.size(0)
+    B, T = x.shape
     caches = cache.loops if cache is not None else {k: None for k in range(1, K + 1)}
     if policy is None:  # fixed depth: only the last loop is decoded
         for k in range(1, K + 1):
@@ -317,25 +351,76 @@ def exit_step(model, x, pos0, K, cache, policy, threshold, ragged=False,
         return model.readout(h[:, -1], K), torch.full((B,), K, dtype=torch.long, device=h.device)
     if tested is None:
         tested = range(1, K)
+    if cache is not None and T > 1:
+        if earlier is None:
+            earlier = [[K] * (T - 1)] * B
+        return fill_step(model, h, K, cache, policy, threshold, tested, earlier)
     if ragged:
         return ragged_exit_step(model, h, K, cache, policy, threshold, tested)
     chosen = None
     done = torch.zeros(B, dtype=torch.bool, device=h.device)
     used = torch.full((B,), K, dtype=torch.long, device=h.device)
-    some = x.size(1) > 1  # has a row exited? (in a fill, not read back: assume so)
+    some = False  # has a row exited?
     for k in range(1, K + 1):
         test = k in tested
         h, chosen, done, used = adaptive(model, h, k, caches[k], chosen, done, used, policy,
                                          threshold, test, some, test or k == K)
-        # Skip the deeper loops once every row has exited. A fill cannot: its earlier
-        # positions need every loop's keys/values, so it reads nothing back.
-        if test and (cache is None or x.size(1) == 1):
+        if test:  # skip the deeper loops once every row has exited
             every, some = who_exited(done)
             if every:
                 if cache is not None:  # the loops skipped hold loop k's entries
                     cache.exit_rule([k] * B)
                 break
     return chosen, used.clone()  # kept past the step (a CUDA graph's output is overwritten)
+
+
+def fill_step(model, h, K, cache, policy, threshold, tested, earlier):
+    """exit_step for a fill of the cache, h [B, T, C] from position 0: each position but the
+    last runs the loops it ran in its own step (earlier[b][j]; the last one's exit is decided
+    here), so a refill costs about what those steps cost and holds their keys and values. Loop
+    k runs the positions some row still runs, each query seeing every position's loop-k keys;
+    a position past its exit loop (in every row, or in some rows only) takes loop k - 1's keys
+    and values, which are its exit loop's. Nothing is read back: the last position runs every
+    loop until every row has exited there (read back after each exit test), its rows that have
+    exited kept by the exit rule like the others."""
+    B, T = h.shape[:2]
+    deepest = [max(row[j] for row in earlier) for j in range(T - 1)]  # the last loop j runs
+    chosen = None
+    done = torch.zeros(B, dtype=torch.bool, device=h.device)
+    used = torch.full((B,), K, dtype=torch.long, device=h.device)
+    held = list(range(T))  # the positions h holds
+    every = False  # has the last position exited in every row?
+    for k in range(1, K + 1):
+        running = [j for j in range(T) if (deepest[j] if j < T - 1 else K * (not every)) >= k]
+        if len(running) < T:  # the others keep their exit loop's entries at this loop too
+            left = [j for j in range(T) if j not in running]
+            cache.keep_above(k, torch.tensor(left, device=h.device))
+        if not running:
+            continue
+        if running != held:
+            where = {j: i for i, j in enumerate(held)}
+            h = h.index_select(1, torch.tensor([where[j] for j in running], device=h.device))
+            held = running
+            cache.only(torch.tensor(running, device=h.device))
+        if k > 1:  # the rows past their exit at the positions this loop runs
+            before = running if every else running[:-1]
+            past = [[row[j] < k for j in before] for row in earlier]
+            cache.frozen = torch.tensor(past, dtype=torch.bool, device=h.device)
+            cache.frozen = cache.frozen.view(B, len(before))
+            if not every:
+                cache.frozen = torch.cat((cache.frozen, done[:, None]), dim=1)
+        h = model.loop(h, k, cache.loops[k])
+        cache.frozen = None
+        if every or (k < K and k not in tested):
+            continue
+        logits = model.readout(h[:, -1], k)
+        chosen = logits if chosen is None else torch.where(done[:, None], chosen, logits)
+        if k < K:
+            newly = ~done & exits(exit_score(logits, policy), policy, threshold)
+            used = torch.where(newly, k, used)
+            done = done | newly
+            every = who_exited(done)[0]
+    return chosen, used
 
 
 def fixed_loop(model, h, k, caches):

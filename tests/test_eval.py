@@ -825,9 +825,11 @@ def test_speed_cli_generates_at_the_calibrated_threshold(tiny_runs, data_dir, tm
 @pytest.mark.parametrize("kind", ["cuda", "mps"])
 def test_speed_on_device(kind, tiny_runs, data_dir, monkeypatch):
     """--run=speed on the stand-in device: prompts built on the CPU reach the model's device, and
-    nothing is read back but through the CPU (and generation's one exit check, answered here)."""
+    nothing is read back but through the CPU (and generation's exit checks, answered here)."""
     import sample
     monkeypatch.setattr(sample, "who_exited", lambda done: (False, True))
+    monkeypatch.setattr(sample, "exit_loops", lambda loops_used, P, start, end, K: (
+        [[K] * (end - start)] * loops_used[0].size(0)))  # a refill's window
     # the stand-in's values are zeros (0 loops used): the arithmetic of the row, value-tested
     # on the CPU above, is given loops a real run could use
     row = sample.early_exit_row

@@ -164,19 +164,19 @@ def recomputed(model, out, P, K, policy, threshold, use_cache, tested=None):
     """Every step's logits [B, new, V] and exit loops [B, new] for the tokens `out` (prompt of
     P tokens), each recomputed from its whole window. The windows as generate documents them:
     with a cache the prompt's last block_size tokens, grown one token a step and, once full,
-    refilled from the last block_size // 2 tokens (which run every loop again); without one the
-    last block_size tokens, all at full depth."""
+    refilled from the last block_size // 2 tokens (each keeps its exit loop: its deeper keys and
+    values are that loop's, as in its own step); without one the last block_size tokens, all at
+    full depth."""
     bs = model.config.block_size
     B, L = out.shape
     start = max(0, P - bs)
-    exit_of = {}  # position -> exit loops of the tokens decided since the window began
+    exit_of = {}  # position -> exit loops of the tokens decided (the prompt's: K)
     logits, loops = [], []
     for end in range(P, L):  # the window out[:, start:end] predicts token `end`
         if not use_cache:
             start = max(0, end - bs)
         elif end - start > bs:
             start = end - bs // 2
-            exit_of = {}
         window = out[:, start:end]
         if policy is None:
             step = model(window, n_loops=K)[0][:, -1]
@@ -266,6 +266,44 @@ def test_exit_tests_at_some_loops_only_match_recompute(use_cache, ragged, monkey
     assert torch.equal(loops, want_loops)
 
 
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("ragged", [True, False], ids=["ragged", "dense"])
+def test_refill_runs_each_token_its_own_loops(ragged, monkeypatch):
+    """A refill of the cache runs each of its tokens through the loops it ran in its own step
+    and no further (the last one, new, until it exits), counted here in positions per loop:
+    exactly the sum of their exit loops. One row, whose refills' last tokens exit early as
+    well as late; the same logits and exit loops as the recompute."""
+    model = lively()
+    runs = []  # (is a fill, positions) of every loop run
+    real_loop, real_step = model.loop, sample.exit_step
+
+    def loop(h, k, kv_caches=None):
+        runs[-1][1].append(h.size(1))
+        return real_loop(h, k, kv_caches)
+
+    def step(model, x, *args, **kw):
+        runs.append((x.size(1) > 1, []))
+        return real_step(model, x, *args, **kw)
+    monkeypatch.setattr(model, "loop", loop)
+    monkeypatch.setattr(sample, "exit_step", step)
+    prompt = torch.randint(37, (1, 5), generator=torch.Generator().manual_seed(2))
+    out, loops, logits = generated(model, prompt, 40, monkeypatch, exit_policy="max_prob",
+                                   exit_threshold=0.35, use_cache=True, ragged=ragged)
+    with torch.no_grad():
+        want, want_loops = recomputed(model, out, 5, 4, "max_prob", 0.35, True)
+    assert torch.allclose(logits, want, rtol=0, atol=1e-10)
+    assert torch.equal(loops, want_loops)
+    refills = [i for i, (fill, _) in enumerate(runs) if fill and i > 0]
+    assert refills == [12, 21, 30, 39]  # 45 tokens, 16 positions: refills of 8 every 9 steps
+    exit_of = [4] * 4 + loops[0].tolist()  # position p's exit loop (the prompt's: all 4)
+    lasts = []
+    for i in refills:  # step i's window: positions i - 4 .. i + 4, the last one decided
+        positions = sum(runs[i][1])
+        assert positions == sum(exit_of[i - 3:i + 5]) < 8 * 4
+        lasts.append(exit_of[i + 4])
+    assert min(lasts) < 4 and max(lasts) == 4  # a last token that exits early, and one not
+
+
 def test_no_exit_test_is_fixed_depth(monkeypatch):
     """exit_at=[] (no loop pays for its test, eval.py --run=speed's "none"): generation takes
     the fixed-depth path, no readout before loop K and nothing of adaptive exit, and gives the
@@ -319,15 +357,21 @@ def test_compiled_generation_matches_recompute_at_the_logits(policy, backend, mo
 @pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no_cache"])
 def test_generate_on_device_standin(kind, policy, everyone, use_cache, monkeypatch):
     """Generation's tensors (prompt, caches, exits, sampled tokens) stay on the model's device
-    and nothing reads a value back, but for the one check adaptive exit needs: whether every row
-    (and whether any) has exited, which the test answers (no values on the stand-in)."""
-    asked = []
+    and nothing reads a value back, but for the checks adaptive exit needs: whether every row
+    (and whether any) has exited, and at a refill the exit loops of the window's tokens, which
+    the test answers (no values on the stand-in)."""
+    asked, windows = [], []
 
     def who_exited(done):
         assert policy is not None, "fixed depth reads nothing back from the device"
         asked.append(done.device.type)
         return everyone, True  # some row has: the exited rows' cache copies run too
+
+    def exit_loops(loops_used, P, start, end, K):
+        windows.append({t.device.type for t in loops_used})
+        return [[K] * (end - start)] * 2
     monkeypatch.setattr(sample, "who_exited", who_exited)
+    monkeypatch.setattr(sample, "exit_loops", exit_loops)
     prompt = torch.zeros(2, 3, dtype=torch.long)  # on the CPU: generate moves it
     with standin(kind) as device:
         model = tiny(n_loops=3).to(device)
@@ -337,6 +381,8 @@ def test_generate_on_device_standin(kind, policy, everyone, use_cache, monkeypat
     assert out.shape == (2, 23) and loops.shape == (2, 20) and loops.dtype == torch.long
     if policy:
         assert asked and set(asked) == {device}
+    # one refill (a cache of 16 positions), where adaptive exit reads its window's exit loops
+    assert windows == ([{device}] if policy and use_cache else [])
 
 
 @pytest.mark.parametrize("kind", ["cuda", "mps"])
@@ -350,8 +396,15 @@ def test_ragged_generation_on_device_standin(kind, monkeypatch):
     def exit_decisions(passed):
         asked.append(passed.device.type)
         return decisions[4 - len(passed) + 1]
+    def exit_loops(loops_used, P, start, end, K):
+        asked.append(("window", {t.device.type for t in loops_used}))
+        return [[K] * (end - start)] * 4
     monkeypatch.setattr(sample, "exit_decisions", exit_decisions)
-    monkeypatch.setattr(sample, "who_exited", None)  # the dense batch's read back: not used
+    def who_exited(done):  # a fill's: whether its last position has exited in every row
+        asked.append(("fill", done.device.type))
+        return False, True
+    monkeypatch.setattr(sample, "exit_loops", exit_loops)
+    monkeypatch.setattr(sample, "who_exited", who_exited)
     prompt = torch.zeros(4, 3, dtype=torch.long)
     with standin(kind) as device:
         model = tiny(n_loops=3).to(device)
@@ -359,9 +412,11 @@ def test_ragged_generation_on_device_standin(kind, monkeypatch):
                               ragged=True)
     assert out.device.type == loops.device.type == device
     assert out.shape == (4, 18) and loops.shape == (4, 15)
-    # 13 one-token steps decide at loops 1 and 2; the fill and the refill (its last token
-    # reaches position 16 = block_size) run every row, reading nothing back
-    assert set(asked) == {device} and len(asked) == 13 * 2
+    # 13 one-token steps decide at loops 1 and 2, every row's decisions; the fill and the
+    # refill (its last token reaches position 16 = block_size, the last step) ask whether
+    # every row has, the refill after reading its window's exit loops
+    fill = [("fill", device)] * 2
+    assert asked == fill + [device] * 13 * 2 + [("window", {device})] + fill
 
 
 @pytest.mark.parametrize("colour", [True, False])
