@@ -594,14 +594,18 @@ def exit_test_cost(model, prompts, policy, new_tokens, rounds, dtype="float32"):
     """What an exit test costs, in loops, timed on generation: all K loops with a test at every
     loop that no token passes, against all K loops without one, is K - 1 tests; all K loops
     against one loop is K - 1 loops. The median over rounds of each round's ratio (the three
-    kinds of a round run back to back, so a machine's drift cancels); at least 0."""
+    kinds of a round run back to back, so a machine's drift cancels); at least 0. Also one
+    loop's speed-up over all K (the median of the rounds' full / one): the most an exit after
+    loop 1 can give, since it runs that loop and its test, and a token's work outside the
+    loops (embedding, last readout, sampling) no exit saves."""
     never = math.inf if EXIT_POLICIES[policy] == ">=" else -math.inf
     kinds = {"one": {"n_loops": 1}, "full": {},
              "tests": {"exit_policy": policy, "exit_threshold": never}}
     t = timed_rounds(kinds, prompts, new_tokens, rounds, model, dtype)[0]
     ratios = [(tests - full) / max(full - one, 1e-12)
               for one, full, tests in zip(t["one"], t["full"], t["tests"])]
-    return max(0.0, statistics.median(ratios))
+    one_loop = statistics.median([full / one for one, full in zip(t["one"], t["full"])])
+    return max(0.0, statistics.median(ratios)), one_loop
 
 
 @torch.no_grad()
@@ -634,10 +638,11 @@ def speed(model, data, halt, cfg, dtype="float32", cal=None, held=None):
         if t is not None:  # None: no threshold met the target; halting runs all K loops
             kinds["exit"] = {"exit_policy": cfg.policy, "exit_threshold": t}
         if t is not None and cal is not None:
-            cost = exit_test_cost(model, prompts, cfg.policy, cfg.new_tokens, cfg.rounds, dtype)
+            cost, one_loop = exit_test_cost(model, prompts, cfg.policy, cfg.new_tokens,
+                                            cfg.rounds, dtype)
             tested = exit_schedule(cal[0], cal[1][cfg.policy], cfg.policy, t, K, cost,
                                    cfg.target, b)
-            extra = {"test_cost": cost, "schedule": tested}
+            extra = {"test_cost": cost, "one_loop_speed_up": one_loop, "schedule": tested}
             if tested:  # a schedule its own timing does not find faster is not used
                 check = timed_rounds({"full": {}, "exit": kinds["exit"] | {"exit_at": tested}},
                                      prompts, cfg.new_tokens, cfg.rounds, model, dtype)[0]
@@ -669,11 +674,12 @@ def print_speed(s, K):
           f"loops vs {s['policy']} {EXIT_POLICIES[s['policy']]} {t} (calibrated); held-out PPL "
           f"{s['ppl']['full']:.3f} at full depth, {s['ppl']['exit']:.3f} testing every loop")
     print(f"{'batch':>5} {'full tok/s':>11} {'exit tok/s':>11} {'loops used':>11} {'speed-up':>9} "
-          f"{'ideal':>7} {'of ideal':>9} {'exit PPL':>9}  tests at (loops a test)")
+          f"{'ideal':>7} {'of ideal':>9} {'exit PPL':>9}  tests at (loops a test; 1 loop)")
     for b, r in s["batch"].items():
         tests = ""
         if "tested_loops" in r:
-            tests = f"{','.join(map(str, r['tested_loops'])) or 'none'} ({r['test_cost']:.2f})"
+            tests = f"{','.join(map(str, r['tested_loops'])) or 'none'} ({r['test_cost']:.2f}"
+            tests += f"; {r['one_loop_speed_up']:.2f}x)" if "one_loop_speed_up" in r else ")"
         if r.get("schedule") and not r["tested_loops"]:
             tests += (f"; {','.join(map(str, r['schedule']))} timed "
                       f"{r['schedule_speed_up']:.2f}x, dropped")
@@ -682,8 +688,9 @@ def print_speed(s, K):
               f"{r['of_ideal']:>9.2f} {r['exit']['ppl']:>9.3f}  {tests}")
     if any("tested_loops" in r for r in s["batch"].values()):
         print("tests at: the loops whose exit test pays at that batch size (sample.py "
-              "--exit_at=...; none: the exit runs all loops, as without --exit_policy), and "
-              "a test's cost")
+              "--exit_at=...; none: the exit runs all loops, as without --exit_policy), a "
+              "test's cost in loops, and the speed-up of one loop without a test: the most an "
+              "exit can give")
 
 
 @torch.no_grad()

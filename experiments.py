@@ -384,6 +384,8 @@ def speed_row(speeds):
         out["batch"][b]["tested_loops"] = [r.get("tested_loops") for r in runs]
         for what in ("speed_up", "ideal", "of_ideal"):
             out["batch"][b][what] = spread([r[what] for r in runs])
+        if all("one_loop_speed_up" in r for r in runs):  # the most an exit can give
+            out["batch"][b]["one_loop"] = spread([r["one_loop_speed_up"] for r in runs])
     return out
 
 
@@ -512,7 +514,7 @@ def print_conditions(rows, policy="logit_margin"):
               f"tokens, all K loops vs calibrated halting ({s['policy']} per token)")
         print(f"{'run':<22} {'batch':>5} {'full tok/s':>13} {'exit tok/s':>13} {'speed-up':>13} "
               f"{'loops used':>11} {'ideal':>6} {'of ideal':>13} {'PPL full':>13} "
-              f"{'PPL exit':>13}  tests at (per seed)")
+              f"{'PPL exit':>13} {'1 loop':>13}  tests at (per seed)")
         for r in fast:
             for b, x in r["speed"]["batch"].items():
                 tests = " ".join(tested_loops(t) for t in x["tested_loops"])
@@ -521,7 +523,11 @@ def print_conditions(rows, policy="logit_margin"):
                       f"{pm(x['speed_up'], '{:.2f}') + 'x':>13} "
                       f"{pm(x['exit_mean_loops'], '{:.2f}'):>11} {x['ideal']['mean']:>5.2f}x "
                       f"{pm(x['of_ideal'], '{:.2f}'):>13} "
-                      f"{pm(r['speed']['ppl']['full']):>13} {pm(x['exit_ppl']):>13}  {tests}")
+                      f"{pm(r['speed']['ppl']['full']):>13} {pm(x['exit_ppl']):>13} "
+                      f"{pm(x['one_loop'], '{:.2f}') + 'x' if 'one_loop' in x else '-':>13}  "
+                      f"{tests}")
+        print("1 loop: the speed-up of one loop without an exit test, the most an exit can give "
+              "(what no exit saves: the embedding, the last readout, sampling)")
 
 
 def tested_loops(loops):

@@ -236,7 +236,9 @@ def sample_next(logits, temperature=1.0, top_k=None):
     """One token per row from logits [B, V]; temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
     if top_k and top_k < logits.size(-1):  # among the top k only: cheaper than masking 50k
         v, ix = torch.topk(logits, top_k)
         return ix.gather(-1, draw(F.softmax(v, dim=-1)))

@@ -636,7 +636,7 @@ def made_up_eval(g, K):
                 "exit": {"tokens_per_s": made_up(g, 1, 100, 300)[0], "mean_loops": loops,
                          "ppl": made_up(g, 1, 5, 20)[0]},
                 "speed_up": speed_up, "ideal": K / loops, "of_ideal": speed_up / (K / loops),
-                "test_cost": made_up(g, 1, 0, 1)[0],
+                "test_cost": made_up(g, 1, 0, 1)[0], "one_loop_speed_up": made_up(g, 1, 2, 5)[0],
                 "tested_loops": [k for k in range(1, K) if made_up(g, 1, 0, 1)[0] < 0.5]}
     return {
         "n_loops": K, "full_depth_ppl": ppl[K - 1],
@@ -740,6 +740,8 @@ def test_claims_json_recomputed_from_the_run_folders(tmp_path):
                         [r[kind][what] for r in runs]))
             for what in ("speed_up", "ideal", "of_ideal"):
                 assert speed[what] == pytest.approx(over_seeds([r[what] for r in runs]))
+            assert speed["one_loop"] == pytest.approx(over_seeds(
+                [r["one_loop_speed_up"] for r in runs]))
             assert speed["exit_ppl"] == pytest.approx(over_seeds([r["exit"]["ppl"] for r in runs]))
             assert speed["tested_loops"] == [r["tested_loops"] for r in runs]
     claims = out["claims"]
@@ -1293,8 +1295,8 @@ def test_print_speed_shows_full_then_exit(capsys):
     row = {"full": {"tokens_per_s": 400.0, "mean_loops": 6.0},
            "exit": {"tokens_per_s": 600.0, "mean_loops": 2.5, "ppl": 10.25},
            "speed_up": 1.5, "ideal": 2.4, "of_ideal": 0.625}
-    tested = dict(row, test_cost=0.3125, tested_loops=[2, 5])
-    untested = dict(row, test_cost=0.25, tested_loops=[])
+    tested = dict(row, test_cost=0.3125, one_loop_speed_up=4.125, tested_loops=[2, 5])
+    untested = dict(row, test_cost=0.25, tested_loops=[])  # an eval.json without one loop's
     print_speed({"policy": "logit_margin", "threshold": 2.0, "new_tokens": 200,
                  "clock": "thread_time", "ppl": {"full": 10.0, "exit": 10.1},
                  "batch": {"1": row, "8": tested, "16": untested}}, 6)
@@ -1302,7 +1304,7 @@ def test_print_speed_shows_full_then_exit(capsys):
     assert out[0].endswith("held-out PPL 10.000 at full depth, 10.100 testing every loop")
     assert out[2].split() == ["1", "400.0", "600.0", "2.50/6", "1.50x", "2.40x", "0.62",
                               "10.250"]
-    assert out[3].split()[0] == "8" and out[3].split()[-2:] == ["2,5", "(0.31)"]
+    assert out[3].split()[0] == "8" and out[3].split()[-3:] == ["2,5", "(0.31;", "4.12x)"]
     assert out[4].split()[0] == "16" and out[4].split()[-2:] == ["none", "(0.25)"]
 
 
@@ -1514,8 +1516,9 @@ def test_exit_schedule_keeps_the_tests_that_pay_and_meets_the_target():
 
 def test_exit_test_cost_is_the_tests_time_over_the_loops_time(monkeypatch):
     """exit_test_cost with a generator whose time is known: each token costs 1 ms per loop run,
-    0.3 ms per exit test met and 0.5 ms outside the loops, so a test costs 0.3 loops; the
-    thresholds it times with pass no token (a test at every loop, nobody exits)."""
+    0.3 ms per exit test met and 0.5 ms outside the loops, so a test costs 0.3 loops, and one
+    loop is (4 + 0.5) / (1 + 0.5) = 3x as fast as all 4; the thresholds it times with pass no
+    token (a test at every loop, nobody exits)."""
     import eval as eval_script
     import sample
     K = 4
@@ -1535,9 +1538,9 @@ def test_exit_test_cost_is_the_tests_time_over_the_loops_time(monkeypatch):
     monkeypatch.setattr(eval_script.time, "thread_time", lambda: clock[0])
     monkeypatch.setattr(eval_script, "amp", lambda model, dtype: torch.no_grad())
     for policy in EXIT_POLICIES:
-        cost = eval_script.exit_test_cost(model, torch.zeros(1, 4, dtype=torch.long), policy,
-                                          20, 2)
-        assert cost == pytest.approx(0.3)
+        cost, one_loop = eval_script.exit_test_cost(model, torch.zeros(1, 4, dtype=torch.long),
+                                                    policy, 20, 2)
+        assert cost == pytest.approx(0.3) and one_loop == pytest.approx(3.0)
 
 
 def test_speed_times_the_schedule_and_reports_its_held_out_ppl(tiny_runs, monkeypatch):
@@ -1556,8 +1559,9 @@ def test_speed_times_the_schedule_and_reports_its_held_out_ppl(tiny_runs, monkey
     held = (torch.rand(K, 4, 8, generator=g) * 3,
             {"max_prob": torch.rand(K, 4, 8, generator=g)})
     costs = {1: 0.4, 8: 0.1}  # a test's cost measured at each batch size
-    monkeypatch.setattr(eval_script, "exit_test_cost",
-                        lambda model, prompts, *a, **kw: costs[prompts.size(0)])
+    one_loop = {1: 2.5, 8: 3.5}  # and one loop's speed-up there
+    monkeypatch.setattr(eval_script, "exit_test_cost", lambda model, prompts, *a, **kw: (
+        costs[prompts.size(0)], one_loop[prompts.size(0)]))
     want = {b: eval_script.exit_schedule(cal[0], cal[1]["max_prob"], "max_prob", 0.8, K, c, 1.5,
                                          b) for b, c in costs.items()}
     assert 0 < len(want[1]) < K - 1  # some loops tested, not all: the PPL depends on which
@@ -1585,6 +1589,7 @@ def test_speed_times_the_schedule_and_reports_its_held_out_ppl(tiny_runs, monkey
     for b, c in costs.items():
         r = out["batch"][str(b)]
         assert r["schedule"] == want[b] and r["tested_loops"] == used[b] and r["test_cost"] == c
+        assert r["one_loop_speed_up"] == one_loop[b]
         if want[b]:
             assert r["schedule_speed_up"] == pytest.approx(1 / per_token[b])
         ppl = schedule_cost(held[0].double(), held[1]["max_prob"].double(), "max_prob", 0.8, K,
