@@ -382,20 +382,19 @@ def fill_step(model, h, K, cache, policy, threshold, tested, earlier):
     here), so a refill costs about what those steps cost and holds their keys and values. Loop
     k runs the positions some row still runs, each query seeing every position's loop-k keys;
     a position past its exit loop (in every row, or in some rows only) takes loop k - 1's keys
-    and values, which are its exit loop's. Nothing is read back: the last position runs every
-    loop until every row has exited there (read back after each exit test), its rows that have
-    exited kept by the exit rule like the others."""
+    and values, which are its exit loop's. The last position runs until every row has exited
+    there (read back after each of its exit tests), its exited rows kept by the same rule."""
     B, T = h.shape[:2]
     deepest = [max(row[j] for row in earlier) for j in range(T - 1)]  # the last loop j runs
     chosen = None
     done = torch.zeros(B, dtype=torch.bool, device=h.device)
     used = torch.full((B,), K, dtype=torch.long, device=h.device)
     held = list(range(T))  # the positions h holds
-    every = False  # has the last position exited in every row?
+    every = some = False  # has the last position exited in every row? in some?
     for k in range(1, K + 1):
         running = [j for j in range(T) if (deepest[j] if j < T - 1 else K * (not every)) >= k]
         if len(running) < T:  # the others keep their exit loop's entries at this loop too
-            left = [j for j in range(T) if j not in running]
+            left = sorted(set(range(T)) - set(running))
             cache.keep_above(k, torch.tensor(left, device=h.device))
         if not running:
             continue
@@ -404,9 +403,9 @@ def fill_step(model, h, K, cache, policy, threshold, tested, earlier):
             h = h.index_select(1, torch.tensor([where[j] for j in running], device=h.device))
             held = running
             cache.only(torch.tensor(running, device=h.device))
-        if k > 1:  # the rows past their exit at the positions this loop runs
-            before = running if every else running[:-1]
-            past = [[row[j] < k for j in before] for row in earlier]
+        before = running if every else running[:-1]
+        past = [[row[j] < k for j in before] for row in earlier]
+        if k > 1 and (some or any(map(any, past))):  # rows past their exit at running positions
             cache.frozen = torch.tensor(past, dtype=torch.bool, device=h.device)
             cache.frozen = cache.frozen.view(B, len(before))
             if not every:
@@ -421,7 +420,7 @@ def fill_step(model, h, K, cache, policy, threshold, tested, earlier):
             newly = ~done & exits(exit_score(logits, policy), policy, threshold)
             used = torch.where(newly, k, used)
             done = done | newly
-            every = who_exited(done)[0]
+            every, some = who_exited(done)
     return chosen, used
 
 
