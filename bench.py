@@ -36,7 +36,8 @@ MFU is against this CPU's measured fp32 matmul throughput, or the GPU's dense bf
 --generation=True times sample.generate instead (see bench_early_exit): the preset's model
 (its K and block size; 69 characters), random weights or --gen_ckpt's, one CPU thread, prompts
 of 32 random tokens and --gen_tokens new ones, at each --gen_batches size: full depth against
-adaptive exit (logit_margin, its threshold calibrated to a mean of --gen_loops loops), the
+adaptive exit (logit_margin, its threshold calibrated to a mean of --gen_loops loops) and
+against one loop without an exit test (the most any exit can give), the
 variants alternating round by round over --rounds rounds after a warm-up, timed by this
 thread's CPU time on a CPU (--gen_clock: other work on a shared machine stretches the wall
 clock, and not alike for all variants). It prints tokens/s, mean loops, the speed-up over full
@@ -652,7 +653,8 @@ def bench_early_exit(cfg, explicit, device):
           f"{cfg.gen_tokens} new tokens, {cfg.rounds} rounds; {clock} clock")
     print(f"early exit: logit_margin >= {threshold:.4g} (calibrated to {cfg.gen_loops} mean "
           f"loops at batch 8)")
-    variants = {"full": {}, "exit": exit_kwargs(threshold)}
+    # one loop without a test: the most an exit can give (it saves nothing outside the loops)
+    variants = {"full": {}, "one loop": {"n_loops": 1}, "exit": exit_kwargs(threshold)}
     if cfg.compile:
         variants.update({"full compiled": {"compile": True},
                          "exit compiled": exit_kwargs(threshold, compile=True)})

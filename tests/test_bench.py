@@ -163,7 +163,9 @@ def test_bench_generation_times_full_depth_against_early_exit(tmp_path, capsys, 
     assert out["K"] == 2 and out["source"] == "random weights" and out["threshold"] > 0
     for b in ("1", "2"):
         rows = out["batch"][b]
-        assert set(rows) == {"full", "exit", "full compiled", "exit compiled", "compile"}
+        assert set(rows) == {"full", "one loop", "exit", "full compiled", "exit compiled",
+                             "compile"}
+        assert rows["one loop"]["mean_loops"] == 1 and rows["one loop"]["ideal"] == 2
         for name in ("full", "full compiled"):
             assert rows[name]["mean_loops"] == 2 and rows[name]["speed_up"] == 1.0
         for name in ("exit", "exit compiled"):
