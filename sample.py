@@ -392,7 +392,9 @@ def fill_step(model, h, K, cache, policy, threshold, tested, earlier):
     held = list(range(T))  # the positions h holds
     every = some = False  # has the last position exited in every row? in some?
     for k in range(1, K + 1):
-        running = [j for j in range(T) if (deepest[j] if j < T - 1 else K * (not every)) >= k]
+        running = [j for j in range(T - 1) if deepest[j] >= k]
+        if not every:
+            running.append(T - 1)  # the last position, until every row has exited there
         if len(running) < T:  # the others keep their exit loop's entries at this loop too
             left = sorted(set(range(T)) - set(running))
             cache.keep_above(k, torch.tensor(left, device=h.device))
