@@ -104,15 +104,30 @@ def read(f, text=True):
     return io.TextIOWrapper(f).read() if text else f.read()
 
 
-def popen(cmd, env=None, stdout=None, stderr=None, cwd=ROOT, fresh=False):
+def popen(cmd, env=None, stdout=None, stderr=None, cwd=ROOT, fresh=False,
+          forked_children=False):
     """subprocess.Popen(cmd, cwd=cwd, env=env, stdout=stdout, stderr=stderr, text=True): as in
-    run_cmd, `python <script>` and `python -m <module>` are forked from a zygote, unless fresh.
+    run_cmd, `python <script>` and `python -m <module>` are forked from a zygote, unless fresh,
+    and so are the Python processes it starts with sys.executable if forked_children.
     stdout and stderr: subprocess.PIPE, a file, or None (this process's)."""
     env = dict(os.environ) if env is None else dict(env)
     zygote = None if fresh else Zygote.of(cmd, env)
     if zygote is None:
         return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=stdout, stderr=stderr, text=True)
-    return zygote.start(cmd, cwd, env, None, stdout, stderr)
+    return zygote.start(cmd, cwd, env, None, stdout, stderr,
+                        zygote.python if forked_children else None)
+
+
+def forked_pid(pid):
+    """The process that the shim process `pid` (see SHIM) had a zygote fork for it, which a
+    SIGKILL must reach itself (the shim passes the other signals on); else pid."""
+    for zygote in Zygote.started.values():
+        try:
+            with open(os.path.join(zygote.folder, f"forked-{pid}")) as f:
+                return int(f.read())
+        except (OSError, ValueError):
+            continue
+    return pid
 
 
 # The environment variables read at run time only, by the project, torchrun's workers or
@@ -129,22 +144,27 @@ RUNTIME_ONLY = ["PYTEST_CURRENT_TEST", "NANOLOOP_*", "_", "SHLVL", "PWD", "OLDPW
 
 # Zygote.python: an executable that stands in for `python` where a test cannot run the command
 # itself (a bash script's $PYTHON, a script's sys.executable): `python <script> ...` and
-# `python -m <module> ...` are forked from the first of its zygotes that takes the environment,
-# with this process's stdin, stdout, stderr, folder and environment, and the signals it gets
-# passed on; it ends as the child did. Anything else, or an environment no zygote takes (or one
-# not listening yet), runs in the real interpreter.
-SHIM = """#!EXECUTABLE -S
+# `python -m <module> ...` (after a -u, where PYTHONUNBUFFERED asks the same: torchrun's workers)
+# are forked from the first of its zygotes that takes the environment, with this process's
+# stdin, stdout, stderr, folder and environment, and the signals it gets passed on (see
+# forked_pid for SIGKILL); it ends as the child did. Anything else, an environment no zygote
+# takes (or one not listening yet), or a torchrun worker whose RANK is listed in
+# NANOLOOP_TEST_FRESH_RANKS, runs in the real interpreter.
+SHIM = """#!@EXECUTABLE@ -S
 import json, os, signal, socket, sys
-real, args = PYTHON, sys.argv[1:]
+real, argv, kind = @PYTHON@, sys.argv[1:], None
+unbuffered = argv[:1] == ["-u"] and os.environ.get("PYTHONUNBUFFERED")
+args = argv[1:] if unbuffered else argv  # the zygote's stdio is unbuffered as -u asks
 if args[:1] == ["-m"] and len(args) > 1:
     kind, target, args = "module", args[1], args[2:]
 elif args and not args[0].startswith("-"):
     kind, target, args = "script", args[0], args[1:]
-else:
-    os.execv(real, [real, *args])
+fresh = os.environ.get("NANOLOOP_TEST_FRESH_RANKS", "").split(",")
+if kind is None or os.environ.get("RANK", "-") in fresh:
+    os.execv(real, [real, *argv])
 request = {"kind": kind, "target": target, "args": args, "cwd": os.getcwd(),
            "env": dict(os.environ)}
-for path in SOCKETS:
+for path in @SOCKETS@:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.connect(path)
@@ -158,11 +178,16 @@ for path in SOCKETS:
 else:
     os.execv(real, [real, *sys.argv[1:]])
 pid = reply["pid"]
+record = os.path.join(os.path.dirname(__file__), f"forked-{os.getpid()}")  # see forked_pid
+with open(record, "w") as f:
+    f.write(str(pid))
 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
     signal.signal(sig, lambda n, _: os.kill(pid, n))
 code = os.waitstatus_to_exitcode(json.loads(replies.readline())["status"])
+os.remove(record)
 if code < 0:  # killed by a signal: so is this process
-    signal.signal(-code, signal.SIG_DFL)
+    if -code != signal.SIGKILL:  # whose handler cannot be set, nor needs to be
+        signal.signal(-code, signal.SIG_DFL)
     os.kill(os.getpid(), -code)
 sys.exit(code)
 """
@@ -170,8 +195,8 @@ sys.exit(code)
 
 def shim(path, sockets):
     with open(path, "w") as f:
-        f.write(SHIM.replace("EXECUTABLE", sys.executable).replace(
-            "PYTHON", repr(sys.executable)).replace("SOCKETS", repr(sockets)))
+        f.write(SHIM.replace("@EXECUTABLE@", sys.executable).replace(
+            "@PYTHON@", repr(sys.executable)).replace("@SOCKETS@", repr(sockets)))
     os.chmod(path, 0o755)
     return path
 
