@@ -4,10 +4,23 @@ the claims."""
 import json
 import math
 import os
+import sys
 
 import pytest
 
-from conftest import run
+from conftest import GIVEN_ENV, Zygote, run
+
+
+@pytest.fixture(scope="session", autouse=True)
+def given_env_zygote(request):
+    """The zygote that reproduce.sh's figures and claims are forked from (started in the
+    environment the tests were given: see test_reproduce_two_seeds_on_tiny_runs) starts with
+    this module's first test, where that test is selected: its imports (seconds of a core) run
+    beside the tests before it, which use one core, not beside reproduce.sh's runs. (Session
+    scope: it starts before the session's data_dir, which uses one core, is made.)"""
+    if any(getattr(item, "function", None) is test_reproduce_two_seeds_on_tiny_runs
+           for item in request.session.items):
+        Zygote.of([sys.executable, "-m", "-"], dict(GIVEN_ENV))
 
 
 def test_plot_norms_png_table_and_depth_map(tiny_runs, data_dir, tmp_path):
