@@ -148,8 +148,8 @@ RUNTIME_ONLY = ["PYTEST_CURRENT_TEST", "NANOLOOP_*", "_", "SHLVL", "PWD", "OLDPW
 # are forked from the first of its zygotes that takes the environment, with this process's
 # stdin, stdout, stderr, folder and environment, and the signals it gets passed on (see
 # forked_pid for SIGKILL); it ends as the child did. Anything else, an environment no zygote
-# takes (or one not listening yet), or a torchrun worker whose RANK is listed in
-# NANOLOOP_TEST_FRESH_RANKS, runs in the real interpreter.
+# takes (or one not listening yet), or a torchrun worker that NANOLOOP_TEST_FRESH_WORKERS lists
+# (by its RANK, or RANK@TORCHELASTIC_RESTART_COUNT: "1@2"), runs in the real interpreter.
 SHIM = """#!@EXECUTABLE@ -S
 import json, os, signal, socket, sys
 real, argv, kind = @PYTHON@, sys.argv[1:], None
@@ -159,8 +159,9 @@ if args[:1] == ["-m"] and len(args) > 1:
     kind, target, args = "module", args[1], args[2:]
 elif args and not args[0].startswith("-"):
     kind, target, args = "script", args[0], args[1:]
-fresh = os.environ.get("NANOLOOP_TEST_FRESH_RANKS", "").split(",")
-if kind is None or os.environ.get("RANK", "-") in fresh:
+worker = os.environ.get("RANK", "-"), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+fresh = os.environ.get("NANOLOOP_TEST_FRESH_WORKERS", "").split(",")
+if kind is None or worker[0] in fresh or "@".join(worker) in fresh:
     os.execv(real, [real, *argv])
 request = {"kind": kind, "target": target, "args": args, "cwd": os.getcwd(),
            "env": dict(os.environ)}
