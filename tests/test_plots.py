@@ -336,10 +336,14 @@ def test_reproduce_two_seeds_on_tiny_runs(data_dir, tmp_path):
     from rundir import load_checkpoint
     # the environment the tests were given (conftest's OMP_NUM_THREADS=1 would set nproc, and
     # so the default JOBS, to 1); its python: conftest's, which forks each script's process
-    # from a zygote (the runs' OMP_NUM_THREADS=1, as reproduce.sh sets it, from this process's;
-    # the figures' and claims', without, from one started in the given environment)
+    # from a zygote (the runs', given OMP_NUM_THREADS=1 by reproduce.sh, from one started in
+    # that environment, conftest's own, not in os.environ, where torch may have set
+    # TORCHINDUCTOR_CACHE_DIR since: no run has it, so that zygote would refuse each run, which
+    # would start fresh; the figures' and claims', without, from one started in the given
+    # environment)
+    runs = GIVEN_ENV | {"OMP_NUM_THREADS": "1"}
     env = GIVEN_ENV | {"SEEDS": "2", "ITERS": "2", "RUNS": "rmsnorm",
-                       "PYTHON": python(os.environ, GIVEN_ENV), "SPEED_TOKENS": "8"}
+                       "PYTHON": python(runs, GIVEN_ENV), "SPEED_TOKENS": "8"}
     out = tmp_path / "repro"
     p = subprocess.run(["bash", os.path.join(ROOT, "reproduce.sh"), str(out), *TINY,
                         f"--data_dir={data_dir}", "--dataset=tiny_char", "--eval_interval=2"],
