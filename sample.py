@@ -263,11 +263,13 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, n_loops=No
     """Sample tokens after `idx` [B, T]; returns (idx with them, exit loop of each [B, new]), both
     on the model's device. Depth: a fixed `n_loops` (default K), or adaptive per token: the first
     loop whose readout passes `exit_policy` at `exit_threshold` (at most n_loops), of the loops
-    `exit_at` (default: every loop; a loop not in it runs no readout and no test). When the cache
+    `exit_at` (default: every loop; a loop not in it runs no readout and no test). With the
+    cache, each prompt token runs the loops it would run as a step of its own (its readout's
+    exit test), and an exited token's deeper keys and values are its exit loop's. When the cache
     reaches block_size it is refilled from the last block_size // 2 tokens, each running the
-    loops it ran in its own step (an exited token's deeper keys and values stay its exit loop's;
-    the prompt's tokens run every loop); without a cache the context is cropped to block_size
-    every token, as in nanoGPT. ragged: adaptive exit runs the deeper loops on the
+    loops it ran before. Without a cache the context is cropped to block_size every token, as
+    in nanoGPT, and all of it but the last token runs every loop. ragged: adaptive exit runs the
+    deeper loops on the
     rows still running only (None: where it pays, see use_ragged). compile: each loop of a
     one-token step of the whole batch is a compiled graph (see compiled_steps; a ragged batch
     runs eagerly). The model runs as in eval mode."""
@@ -294,6 +296,8 @@ def _generate(model, idx, max_new_tokens, temperature, top_k, n_loops, policy, t
     cache = KVCache(model, B, K, static=compile) if use_cache else None
     n_cached = 0  # positions the cache holds (0: not filled yet)
     loops_used = []
+    prompt_exits = None  # adaptive exit: (the first filled position, exit loops of the prompt's
+    #                      positions from there, but its last, [B][...]), from its fill
     for t in range(P, P + max_new_tokens):
         if compile and idx.device.type == "cuda":  # a new step: the graphs' last outputs are
             torch.compiler.cudagraph_mark_step_begin()  # read (or cloned) by now
@@ -305,23 +309,27 @@ def _generate(model, idx, max_new_tokens, temperature, top_k, n_loops, policy, t
         one = x.size(1) == 1
         earlier = None
         if not one and cache is not None and policy is not None and loops_used:  # a refill
-            earlier = exit_loops(loops_used, P, t - x.size(1), t - 1, K)
+            earlier = exit_loops(loops_used, prompt_exits, P, t - x.size(1), t - 1)
         logits, used = exit_step(model, x, pos0, K, cache, policy, threshold,
                                  ragged and one, steps if one else (fixed_loop, exit_loop), tested,
                                  earlier)
+        if prompt_exits is None and cache is not None and policy is not None:
+            prompt_exits = (t - x.size(1), [row[:-1] for row in cache.exit_at] if not one
+                            else [[]] * B)
         n_cached = pos0 + x.size(1)
         out[:, t:t + 1] = sample_next(logits, temperature, top_k)
         loops_used.append(used)
     return out, torch.stack(loops_used, dim=1)
 
 
-def exit_loops(loops_used, P, start, end, K):
+def exit_loops(loops_used, prompt_exits, P, start, end):
     """The exit loops of positions start..end-1 as lists [B][end - start]: a prompt token's
-    K (its loops all run), except the prompt's last, whose exit the first step decided; a
-    generated token's from the step that took it as its last position."""
+    from the prompt's fill (prompt_exits: its first position, and the exit loops from there
+    to the prompt's last, excluded), a generated token's (and the prompt's last) from the step
+    that took it as its last position (loops_used[i]: position P - 1 + i)."""
+    first, prompt = prompt_exits
     steps = torch.stack(loops_used[max(0, start - P + 1):end - P + 1], dim=1).tolist()
-    prompt = [K] * (min(end, P - 1) - start) if start < P - 1 else []
-    return [prompt + row for row in steps]
+    return [row[start - first:end - first] + later for row, later in zip(prompt, steps)]
 
 
 def who_exited(done):
@@ -340,7 +348,8 @@ def exit_step(model, x, pos0, K, cache, policy, threshold, ragged=False,
     ragged: the rows that exit leave the batch (ragged_exit_step); else every row runs until
     every row has exited. steps: the functions that run one loop (compiled or not). tested:
     the loops < K with an exit test (default: all). earlier: for a fill of the cache, the exit
-    loops of its positions before the last ([B][T - 1] lists; default K, as for a prompt)."""
+    loops known of its first positions ([B][n] lists, n < T: a refill's all but the last;
+    default none: every position is decided in the fill, as for a prompt; see fill_step)."""
     fixed, adaptive = steps or (fixed_loop, exit_loop)
     if cache is not None:
         cache.step(pos0, x.size(1))
@@ -355,7 +364,7 @@ def exit_step(model, x, pos0, K, cache, policy, threshold, ragged=False,
         tested = range(1, K)
     if cache is not None and T > 1:
         if earlier is None:
-            earlier = [[K] * (T - 1)] * B
+            earlier = [[]] * B
         return fill_step(model, h, K, cache, policy, threshold, tested, earlier)
     if ragged:
         return ragged_exit_step(model, h, K, cache, policy, threshold, tested)
@@ -377,24 +386,23 @@ def exit_step(model, x, pos0, K, cache, policy, threshold, ragged=False,
 
 
 def fill_step(model, h, K, cache, policy, threshold, tested, earlier):
-    """exit_step for a fill of the cache, h [B, T, C] from position 0: each position but the
-    last runs the loops it ran in its own step (earlier[b][j]; the last one's exit is decided
-    here), so a refill costs about what those steps cost and holds their keys and values. Loop
-    k runs the positions some row still runs, each query seeing every position's loop-k keys;
-    a position past its exit loop (in every row, or in some rows only) takes loop k - 1's keys
-    and values, which are its exit loop's. The last position runs until every row has exited
-    there (read back after each of its exit tests), its exited rows kept by the same rule."""
+    """exit_step for a fill of the cache, h [B, T, C] from position 0: each position runs the
+    loops its token runs in a step of its own. The first n = len(earlier[0]) positions (a
+    refill's all but the last) ran theirs already, earlier[b][j]; the others (every position
+    of a prompt, a refill's last) are decided here, each by the exit test of its own readout,
+    as if fed one token a step. So a fill costs about what those steps cost. Loop k runs the
+    positions some row still runs, each query seeing every position's loop-k keys; a position
+    past its exit loop (in every row, or in some rows only) takes loop k - 1's keys and values,
+    which are its exit loop's. Returns the last position's logits and exit loops, and leaves
+    every position's exit loop in cache.exit_at ([B][T] lists)."""
     B, T = h.shape[:2]
-    deepest = [max(row[j] for row in earlier) for j in range(T - 1)]  # the last loop j runs
+    n = len(earlier[0])
+    exit_at = [list(row) + [K] * (T - n) for row in earlier]  # K also: not decided yet
     chosen = None
-    done = torch.zeros(B, dtype=torch.bool, device=h.device)
-    used = torch.full((B,), K, dtype=torch.long, device=h.device)
     held = list(range(T))  # the positions h holds
-    every = some = False  # has the last position exited in every row? in some?
     for k in range(1, K + 1):
-        running = [j for j in range(T - 1) if deepest[j] >= k]
-        if not every:
-            running.append(T - 1)  # the last position, until every row has exited there
+        # a position runs while some row has not exited there (an undecided one holds K)
+        running = [j for j in range(T) if max(row[j] for row in exit_at) >= k]
         if len(running) < T:  # the others keep their exit loop's entries at this loop too
             left = sorted(set(range(T)) - set(running))
             cache.keep_above(k, torch.tensor(left, device=h.device))
@@ -405,25 +413,53 @@ def fill_step(model, h, K, cache, policy, threshold, tested, earlier):
             h = h.index_select(1, torch.tensor([where[j] for j in running], device=h.device))
             held = running
             cache.only(torch.tensor(running, device=h.device))
-        before = running if every else running[:-1]
-        past = [[row[j] < k for j in before] for row in earlier]
-        if k > 1 and (some or any(map(any, past))):  # rows past their exit at running positions
+        past = [[row[j] < k for j in running] for row in exit_at]
+        if any(map(any, past)):  # rows past their exit at running positions
             cache.frozen = torch.tensor(past, dtype=torch.bool, device=h.device)
-            cache.frozen = cache.frozen.view(B, len(before))
-            if not every:
-                cache.frozen = torch.cat((cache.frozen, done[:, None]), dim=1)
+            cache.frozen = cache.frozen.view(B, len(running))
         h = model.loop(h, k, cache.loops[k])
         cache.frozen = None
-        if every or (k < K and k not in tested):
+        live = [j for j in running if j >= n]  # decided here: a suffix of running
+        if not live or (k < K and k not in tested):
             continue
-        logits = model.readout(h[:, -1], k)
-        chosen = logits if chosen is None else torch.where(done[:, None], chosen, logits)
         if k < K:
-            newly = ~done & exits(exit_score(logits, policy), policy, threshold)
-            used = torch.where(newly, k, used)
-            done = done | newly
-            every, some = who_exited(done)
-    return chosen, used
+            passed, logits = fill_tests(model, h[:, -len(live):], k, policy, threshold)
+        elif live[-1] == T - 1:  # every row still running exits at the last loop
+            passed, logits = None, model.readout(h[:, -1], k)
+        else:
+            break
+        if live[-1] == T - 1:  # the last position's logits: of each row's exit loop
+            earlier_exits = [row[T - 1] < k for row in exit_at]
+            if chosen is None or not any(earlier_exits):
+                chosen = logits
+            else:
+                kept = torch.tensor(earlier_exits, device=h.device)
+                chosen = torch.where(kept[:, None], chosen, logits)
+        if passed is None:
+            break
+        for row, row_passed in zip(exit_at, exit_decisions(passed)):
+            for j, p in zip(live, row_passed):
+                if p and row[j] == K:
+                    row[j] = k
+    cache.exit_at = exit_at
+    return chosen, torch.tensor([row[T - 1] for row in exit_at], device=h.device)
+
+
+READOUT_FLOATS = 2 ** 22  # a fill's exit tests hold at most this many logits at once (16 MB)
+
+
+def fill_tests(model, h, k, policy, threshold):
+    """The exit test of every position of h [B, m, C] after loop k: (passed [B, m], the last
+    position's logits [B, V]). The readout goes in slices of positions, so that a long prompt's
+    logits at GPT-2's vocabulary (B * m * 50,257 floats) are never all held at once."""
+    B, m = h.shape[:2]
+    size = max(1, READOUT_FLOATS // (B * model.lm_head.weight.size(0)))
+    passed = []
+    for part in h.split(size, dim=1):
+        logits = model.readout(part, k)
+        passed.append(exits(exit_score(logits, policy), policy, threshold))
+    passed = passed[0] if len(passed) == 1 else torch.cat(passed, dim=1)
+    return passed, logits[:, -1]
 
 
 def fixed_loop(model, h, k, caches):

@@ -828,8 +828,11 @@ def test_speed_on_device(kind, tiny_runs, data_dir, monkeypatch):
     nothing is read back but through the CPU (and generation's exit checks, answered here)."""
     import sample
     monkeypatch.setattr(sample, "who_exited", lambda done: (False, True))
-    monkeypatch.setattr(sample, "exit_loops", lambda loops_used, P, start, end, K: (
-        [[K] * (end - start)] * loops_used[0].size(0)))  # a refill's window
+    monkeypatch.setattr(sample, "exit_decisions", lambda passed: (  # none exits
+        [[False] * passed.size(1)] * passed.size(0) if passed.dim() == 2
+        else [False] * passed.size(0)))
+    monkeypatch.setattr(sample, "exit_loops", lambda loops_used, prompt_exits, P, start, end: (
+        [[model.config.n_loops] * (end - start)] * loops_used[0].size(0)))  # a refill's window
     # the stand-in's values are zeros (0 loops used): the arithmetic of the row, value-tested
     # on the CPU above, is given loops a real run could use
     row = sample.early_exit_row

@@ -160,17 +160,37 @@ def recompute_step(model, idx, exit_at, K, policy, threshold, tested=None):
     return chosen, exit_at[:, -1]
 
 
+def prompt_exits(model, prompt, K, policy, threshold, tested=None, first=0):
+    """{position: exit loops [B]} of the prompt's tokens but its last, each decided as if the
+    prompt had been fed one token a step (its positions from `first`)."""
+    B = prompt.size(0)
+    exit_of = {}
+    for p in range(prompt.size(1) - 1):
+        before = [exit_of[first + i] for i in range(p)]
+        before = torch.stack(before, 1) if before else torch.zeros(B, 0, dtype=torch.long)
+        exit_of[first + p] = recompute_step(model, prompt[:, :p + 1], before, K, policy,
+                                            threshold, tested)[1]
+    return exit_of
+
+
 def recomputed(model, out, P, K, policy, threshold, use_cache, tested=None):
     """Every step's logits [B, new, V] and exit loops [B, new] for the tokens `out` (prompt of
     P tokens), each recomputed from its whole window. The windows as generate documents them:
     with a cache the prompt's last block_size tokens, grown one token a step and, once full,
     refilled from the last block_size // 2 tokens (each keeps its exit loop: its deeper keys and
-    values are that loop's, as in its own step); without one the last block_size tokens, all at
-    full depth."""
+    values are that loop's, as in its own step; a prompt token's is decided as if it had been
+    fed alone, one token a step); without one the last block_size tokens, all at full depth."""
     bs = model.config.block_size
     B, L = out.shape
     start = max(0, P - bs)
-    exit_of = {}  # position -> exit loops of the tokens decided (the prompt's: K)
+    exit_of = {}  # position -> exit loops of the tokens decided
+    if use_cache and policy is not None:
+        exit_of = prompt_exits(model, out[:, start:P], K, policy, threshold, tested, start)
+
+    def earlier(start, end):
+        if start == end:
+            return torch.zeros(B, 0, dtype=torch.long)
+        return torch.stack([exit_of.get(p, torch.full((B,), K)) for p in range(start, end)], 1)
     logits, loops = [], []
     for end in range(P, L):  # the window out[:, start:end] predicts token `end`
         if not use_cache:
@@ -182,9 +202,8 @@ def recomputed(model, out, P, K, policy, threshold, use_cache, tested=None):
             step = model(window, n_loops=K)[0][:, -1]
             used = torch.full((B,), K)
         else:
-            earlier = [exit_of.get(p, torch.full((B,), K)) for p in range(start, end - 1)]
-            earlier = torch.stack(earlier, 1) if earlier else torch.zeros(B, 0, dtype=torch.long)
-            step, used = recompute_step(model, window, earlier, K, policy, threshold, tested)
+            step, used = recompute_step(model, window, earlier(start, end - 1), K, policy,
+                                        threshold, tested)
         if use_cache:
             exit_of[end - 1] = used
         logits.append(step)
@@ -295,13 +314,55 @@ def test_refill_runs_each_token_its_own_loops(ragged, monkeypatch):
     assert torch.equal(loops, want_loops)
     refills = [i for i, (fill, _) in enumerate(runs) if fill and i > 0]
     assert refills == [12, 21, 30, 39]  # 45 tokens, 16 positions: refills of 8 every 9 steps
-    exit_of = [4] * 4 + loops[0].tolist()  # position p's exit loop (the prompt's: all 4)
+    with torch.no_grad():  # the prompt's first 4 tokens, as if fed one a step
+        first = [e.item() for e in prompt_exits(model, prompt, 4, "max_prob", 0.35).values()]
+    assert min(first) < 4  # a prompt token that exits early
+    assert sum(runs[0][1]) == sum(first) + loops[0, 0].item()  # the prompt's fill
+    exit_of = first + loops[0].tolist()  # position p's exit loop
     lasts = []
     for i in refills:  # step i's window: positions i - 4 .. i + 4, the last one decided
         positions = sum(runs[i][1])
         assert positions == sum(exit_of[i - 3:i + 5]) < 8 * 4
         lasts.append(exit_of[i + 4])
     assert min(lasts) < 4 and max(lasts) == 4  # a last token that exits early, and one not
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_prompt_runs_each_token_its_own_loops(monkeypatch):
+    """A prompt longer than the cache: its last block_size tokens fill it, each running the
+    loops it would run fed alone, one token a step (its own readout's exit test; the readout in
+    slices of 3 positions here), and a refill's window holds prompt tokens that keep those exit
+    loops. The same logits and exit loops as the recompute, and the fill runs exactly the sum of
+    its positions' exit loops."""
+    model = lively()
+    runs = []  # positions of every loop run, per step
+    real_loop, real_step = model.loop, sample.exit_step
+
+    def loop(h, k, kv_caches=None):
+        runs[-1].append(h.size(1))
+        return real_loop(h, k, kv_caches)
+
+    def step(model, x, *args, **kw):
+        runs.append([])
+        return real_step(model, x, *args, **kw)
+    monkeypatch.setattr(model, "loop", loop)
+    monkeypatch.setattr(sample, "exit_step", step)
+    monkeypatch.setattr(sample, "READOUT_FLOATS", 3 * 2 * 37)  # 3 positions of 2 rows
+    prompt = torch.randint(37, (2, 20), generator=torch.Generator().manual_seed(3))
+    out, loops, logits = generated(model, prompt, 12, monkeypatch, exit_policy="max_prob",
+                                   exit_threshold=0.35, use_cache=True)
+    with torch.no_grad():
+        want, want_loops = recomputed(model, out, 20, 4, "max_prob", 0.35, True)
+        first = prompt_exits(model, prompt[:, 4:], 4, "max_prob", 0.35, first=4)
+    assert torch.allclose(logits, want, rtol=0, atol=1e-10)
+    assert torch.equal(loops, want_loops)
+    first = torch.stack(list(first.values()), 1)  # positions 4..18
+    assert 1 in first and 4 in first  # prompt tokens that exit early, and some that run all
+    # the fill runs each position while some row has not exited there
+    assert sum(runs[0]) == first.amax(0).sum() + loops[:, 0].max()
+    # the next step refills the cache from positions 13..20: six prompt tokens that keep their
+    # exit loops, the prompt's last (the first step's exit) and the new token
+    assert sum(runs[1]) == first[:, 9:].amax(0).sum() + loops[:, :2].amax(0).sum() < 8 * 4
 
 
 def test_no_exit_test_is_fixed_depth(monkeypatch):
@@ -358,8 +419,8 @@ def test_compiled_generation_matches_recompute_at_the_logits(policy, backend, mo
 def test_generate_on_device_standin(kind, policy, everyone, use_cache, monkeypatch):
     """Generation's tensors (prompt, caches, exits, sampled tokens) stay on the model's device
     and nothing reads a value back, but for the checks adaptive exit needs: whether every row
-    (and whether any) has exited, and at a refill the exit loops of the window's tokens, which
-    the test answers (no values on the stand-in)."""
+    (and whether any) has exited, a fill's decisions at its positions, and at a refill the exit
+    loops of the window's tokens, which the test answers (no values on the stand-in)."""
     asked, windows = [], []
 
     def who_exited(done):
@@ -367,10 +428,15 @@ def test_generate_on_device_standin(kind, policy, everyone, use_cache, monkeypat
         asked.append(done.device.type)
         return everyone, True  # some row has: the exited rows' cache copies run too
 
-    def exit_loops(loops_used, P, start, end, K):
+    def exit_decisions(passed):  # a fill's, at each of its positions still undecided
+        asked.append(passed.device.type)
+        return [[everyone] * passed.size(1)] * passed.size(0)
+
+    def exit_loops(loops_used, prompt_exits, P, start, end):
         windows.append({t.device.type for t in loops_used})
-        return [[K] * (end - start)] * 2
+        return [[3] * (end - start)] * 2
     monkeypatch.setattr(sample, "who_exited", who_exited)
+    monkeypatch.setattr(sample, "exit_decisions", exit_decisions)
     monkeypatch.setattr(sample, "exit_loops", exit_loops)
     prompt = torch.zeros(2, 3, dtype=torch.long)  # on the CPU: generate moves it
     with standin(kind) as device:
@@ -394,17 +460,17 @@ def test_ragged_generation_on_device_standin(kind, monkeypatch):
     asked = []
 
     def exit_decisions(passed):
+        if passed.dim() == 2:  # a fill's, [B, positions still undecided]: none exits there
+            asked.append(("fill", passed.device.type))
+            return [[False] * passed.size(1)] * passed.size(0)
         asked.append(passed.device.type)
         return decisions[4 - len(passed) + 1]
-    def exit_loops(loops_used, P, start, end, K):
+
+    def exit_loops(loops_used, prompt_exits, P, start, end):
         asked.append(("window", {t.device.type for t in loops_used}))
-        return [[K] * (end - start)] * 4
+        return [[3] * (end - start)] * 4
     monkeypatch.setattr(sample, "exit_decisions", exit_decisions)
-    def who_exited(done):  # a fill's: whether its last position has exited in every row
-        asked.append(("fill", done.device.type))
-        return False, True
     monkeypatch.setattr(sample, "exit_loops", exit_loops)
-    monkeypatch.setattr(sample, "who_exited", who_exited)
     prompt = torch.zeros(4, 3, dtype=torch.long)
     with standin(kind) as device:
         model = tiny(n_loops=3).to(device)
@@ -413,8 +479,8 @@ def test_ragged_generation_on_device_standin(kind, monkeypatch):
     assert out.device.type == loops.device.type == device
     assert out.shape == (4, 18) and loops.shape == (4, 15)
     # 13 one-token steps decide at loops 1 and 2, every row's decisions; the fill and the
-    # refill (its last token reaches position 16 = block_size, the last step) ask whether
-    # every row has, the refill after reading its window's exit loops
+    # refill (its last token reaches position 16 = block_size, the last step) read theirs at
+    # both loops too, the refill after reading its window's exit loops
     fill = [("fill", device)] * 2
     assert asked == fill + [device] * 13 * 2 + [("window", {device})] + fill
 
