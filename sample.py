@@ -111,11 +111,16 @@ class KVCache:
         H, D = cfg.n_head, cfg.n_embd // cfg.n_head
         dtype = matmul_dtype(w)  # under autocast the keys come out of a matmul in its dtype
         weights = [layer.decode_weights() for layer in model.block]
+        # Eager attention reads only the positions written (or settled) at its loop, so the
+        # buffers start empty: a loop no token reaches is never written, its pages never
+        # touched. A compiled graph reads a whole buffer, masked, so there they start at zero
+        # (0 * a garbage NaN would be NaN).
+        alloc = torch.zeros if static else torch.empty
         self.loops = {}
         for k in range(1, K + 1):
             above = self.loops.get(k - 1, [None] * len(weights))
-            self.loops[k] = [LoopCache(self, torch.zeros(B, cfg.block_size, 2, H, D, dtype=dtype,
-                                                         device=w.device), layer_weights, up)
+            self.loops[k] = [LoopCache(self, alloc(B, cfg.block_size, 2, H, D, dtype=dtype,
+                                                   device=w.device), layer_weights, up)
                              for layer_weights, up in zip(weights, above)]
         self.positions = torch.arange(cfg.block_size, device=w.device)
         self.rows = None  # ragged: the batch rows still running (an index tensor), else all
@@ -133,6 +138,8 @@ class KVCache:
         self.last = self.positions[self.end - 1:self.end]
         self.mask = None  # causal
         self.frozen = None  # a fill's rows past their exit loop at its positions: [B, T] or None
+        if pos == 0:  # a fill writes every position anew
+            self.pending = {k: [] for k in self.loops}  # the exit rule's copies, per loop
 
     def only(self, pos):
         """This loop of a fill runs the positions `pos` only (a sorted index tensor): each
@@ -143,24 +150,13 @@ class KVCache:
     def exit_rule(self, used):
         """The early-exit rule at this step's last position, once its loops are done: a token
         that exited at loop e gets loop e's keys and values at every deeper loop, so that later
-        tokens see its exit state. used: each row's exit loop, on the host."""
+        tokens see its exit state. used: each row's exit loop, on the host. Only noted here:
+        a deeper loop copies them when it next runs (settle), so a loop no token reaches costs
+        nothing (a model that exits at loop 1 never touches the deeper loops' buffers)."""
         last = self.end - 1
-        K = len(self.loops)
-        e = min(used)
-        if e == max(used):  # one exit loop for the batch: one op copies to every deeper loop
-            if e < K:
-                deeper = [c.slots[last] for k in range(e + 1, K + 1) for c in self.loops[k]]
-                torch._foreach_copy_(deeper, [c.slots[last] for c in self.loops[e]] * (K - e))
-            return
-        for k in range(e + 1, K + 1):
-            # loop k - 1 holds the exit entries of every row that exited before loop k
-            rows = [b for b, e in enumerate(used) if e < k]
-            if len(rows) < len(used):
-                rows = torch.tensor(rows, device=self.positions.device)
-            else:
-                rows = slice(None)
-            for cache in self.loops[k]:
-                cache.kv[rows, last] = cache.above.kv[rows, last]
+        for k in range(min(used) + 1, len(self.loops) + 1):
+            rows = {b for b, e in enumerate(used) if e < k}
+            self.pending[k].append((last, None if len(rows) == len(used) else rows))
 
     def keep_exited(self, k, done):
         """The exit rule during a loop that ran every row: after loop k (> 1), the rows done
@@ -171,11 +167,30 @@ class KVCache:
                                cache.kv.index_select(1, self.last))
             cache.kv.index_copy_(1, self.last, kept)
 
-    def keep_above(self, k, pos):
-        """The exit rule for positions loop k did not run: every row takes loop k - 1's keys
-        and values there."""
+    def keep_above(self, k, positions):
+        """The exit rule for the positions (a list) that loop k does not run in a fill: every
+        row takes loop k - 1's keys and values there, when loop k next runs (settle)."""
+        self.pending[k].extend((p, None) for p in positions)
+
+    def settle(self, k):
+        """Before loop k runs: the positions noted since it last ran (exit_rule, keep_above)
+        take loop k - 1's keys and values, in the rows that exited before loop k. Loop k - 1
+        has settled already: every step runs its loops in order."""
+        pending = self.pending.get(k)
+        if not pending:
+            return
+        self.pending[k] = []
+        pos = torch.tensor([p for p, _ in pending], device=self.positions.device)
+        mask = None
+        if any(rows is not None for _, rows in pending):  # some rows only, at some positions
+            B = self.queries.size(0)
+            mask = [[rows is None or b in rows for _, rows in pending] for b in range(B)]
+            mask = torch.tensor(mask, device=pos.device).view(B, len(pending), 1, 1, 1)
         for cache in self.loops[k]:
-            cache.kv.index_copy_(1, pos, cache.above.kv.index_select(1, pos))
+            above = cache.above.kv.index_select(1, pos)
+            if mask is not None:
+                above = torch.where(mask, above, cache.kv.index_select(1, pos))
+            cache.kv.index_copy_(1, pos, above)
 
 
 class LoopCache:
@@ -374,6 +389,8 @@ def exit_step(model, x, pos0, K, cache, policy, threshold, ragged=False,
     some = False  # has a row exited?
     for k in range(1, K + 1):
         test = k in tested
+        if cache is not None:
+            cache.settle(k)
         h, chosen, done, used = adaptive(model, h, k, caches[k], chosen, done, used, policy,
                                          threshold, test, some, test or k == K)
         if test:  # skip the deeper loops once every row has exited
@@ -404,10 +421,10 @@ def fill_step(model, h, K, cache, policy, threshold, tested, earlier):
         # a position runs while some row has not exited there (an undecided one holds K)
         running = [j for j in range(T) if max(row[j] for row in exit_at) >= k]
         if len(running) < T:  # the others keep their exit loop's entries at this loop too
-            left = sorted(set(range(T)) - set(running))
-            cache.keep_above(k, torch.tensor(left, device=h.device))
+            cache.keep_above(k, sorted(set(range(T)) - set(running)))
         if not running:
             continue
+        cache.settle(k)
         if running != held:
             where = {j: i for i, j in enumerate(held)}
             h = h.index_select(1, torch.tensor([where[j] for j in running], device=h.device))
@@ -496,6 +513,7 @@ def ragged_exit_step(model, h, K, cache, policy, threshold, tested):
     used = [K] * B
     chosen = None
     for k in range(1, K + 1):
+        cache.settle(k)
         h = model.loop(h, k, cache.loops[k])
         if k < K and k not in tested:
             continue

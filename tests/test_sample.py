@@ -45,15 +45,22 @@ def test_generate_crops_context_and_respects_depth():
 @pytest.mark.parametrize("ragged", [True, False], ids=["ragged", "dense"])
 def test_kv_cache_rule_for_early_exit(ragged):
     """A token that exits at loop e gets loop e's keys/values at the deeper loops of the cache,
-    written in place in the buffers made before the first token."""
+    written in place in the buffers made before the first token, when a deeper loop next runs
+    (until then nothing is written there)."""
     model = tiny(n_loops=3).double()
     idx = torch.randint(37, (2, 6), generator=torch.Generator().manual_seed(1))
     cache = KVCache(model, 2, 3)
     buffers = [c.kv for k in (1, 2, 3) for c in cache.loops[k]]
     with torch.no_grad():
         exit_step(model, idx, 0, 3, cache, None, None)  # fill at full depth
+        for k in (2, 3):
+            for c in cache.loops[k]:
+                c.kv[:, 6] = float("nan")
         logits, used = exit_step(model, idx[:, -1:], 6, 3, cache, "entropy", 1e9,
                                  ragged)  # all exit at loop 1
+        assert all(c.kv[:, 6].isnan().all() for k in (2, 3) for c in cache.loops[k])
+        cache.settle(2)  # what the next step does before its loop 2, then its loop 3
+        cache.settle(3)
     assert used.tolist() == [1, 1]
     assert [c.kv for k in (1, 2, 3) for c in cache.loops[k]] == buffers  # the same tensors
     for k in (2, 3):
