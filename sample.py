@@ -111,10 +111,11 @@ class KVCache:
         H, D = cfg.n_head, cfg.n_embd // cfg.n_head
         dtype = matmul_dtype(w)  # under autocast the keys come out of a matmul in its dtype
         weights = [layer.decode_weights() for layer in model.block]
-        # Eager attention reads only the positions written (or settled) at its loop, so the
-        # buffers start empty: a loop no token reaches is never written, its pages never
-        # touched. A compiled graph reads a whole buffer, masked, so there they start at zero
-        # (0 * a garbage NaN would be NaN).
+        # Eager attention reads only the positions written (or settled) at its loop, but for
+        # a ragged batch's rows that have left it, whose outputs are dropped (each row attends
+        # on its own). So the buffers start empty: a loop no token reaches is never written,
+        # its pages never touched. A compiled graph reads a whole buffer, masked, so there they
+        # start at zero (0 * a garbage NaN would be NaN).
         alloc = torch.zeros if static else torch.empty
         self.loops = {}
         for k in range(1, K + 1):
@@ -123,6 +124,7 @@ class KVCache:
                                                    device=w.device), layer_weights, up)
                              for layer_weights, up in zip(weights, above)]
         self.positions = torch.arange(cfg.block_size, device=w.device)
+        self.B = B
         self.rows = None  # ragged: the batch rows still running (an index tensor), else all
         self.queries = torch.zeros(B, H, 1, D, dtype=dtype, device=w.device)  # ragged scratch
         if static:  # for CUDA graphs: buffers a graph writes must keep their address
@@ -138,8 +140,8 @@ class KVCache:
         self.last = self.positions[self.end - 1:self.end]
         self.mask = None  # causal
         self.frozen = None  # a fill's rows past their exit loop at its positions: [B, T] or None
-        if pos == 0:  # a fill writes every position anew
-            self.pending = {k: [] for k in self.loops}  # the exit rule's copies, per loop
+        if pos == 0:  # a fill: the notes of the exit rule's copies (per loop) name positions
+            self.pending = {k: [] for k in self.loops}  # of the old window: dropped
 
     def only(self, pos):
         """This loop of a fill runs the positions `pos` only (a sorted index tensor): each
@@ -173,9 +175,10 @@ class KVCache:
         self.pending[k].extend((p, None) for p in positions)
 
     def settle(self, k):
-        """Before loop k runs: the positions noted since it last ran (exit_rule, keep_above)
-        take loop k - 1's keys and values, in the rows that exited before loop k. Loop k - 1
-        has settled already: every step runs its loops in order."""
+        """Before loop k runs: the positions noted since it last ran or the cache was last
+        filled (exit_rule, keep_above) take loop k - 1's keys and values, in the rows that
+        exited before loop k. Loop k - 1 has settled already: every step runs its loops in
+        order. (Fixed depth notes nothing, so it never settles.)"""
         pending = self.pending.get(k)
         if not pending:
             return
@@ -183,7 +186,7 @@ class KVCache:
         pos = torch.tensor([p for p, _ in pending], device=self.positions.device)
         mask = None
         if any(rows is not None for _, rows in pending):  # some rows only, at some positions
-            B = self.queries.size(0)
+            B = self.B
             mask = [[rows is None or b in rows for _, rows in pending] for b in range(B)]
             mask = torch.tensor(mask, device=pos.device).view(B, len(pending), 1, 1, 1)
         for cache in self.loops[k]:
@@ -204,7 +207,6 @@ class LoopCache:
         self.above = above
         self.keys = kv[:, :, 0].transpose(1, 2)  # [B, H, block_size, D]: views of kv
         self.values = kv[:, :, 1].transpose(1, 2)
-        self.slots = kv.unbind(1)  # each position's [B, 2, H, D], for the exit rule's copies
 
     def attend(self, qkv, n_head):
         """Store this step's keys and values and attend over every position held: qkv [B * T,
@@ -283,11 +285,10 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, n_loops=No
     exit test), and an exited token's deeper keys and values are its exit loop's. When the cache
     reaches block_size it is refilled from the last block_size // 2 tokens, each running the
     loops it ran before. Without a cache the context is cropped to block_size every token, as
-    in nanoGPT, and all of it but the last token runs every loop. ragged: adaptive exit runs the
-    deeper loops on the
-    rows still running only (None: where it pays, see use_ragged). compile: each loop of a
-    one-token step of the whole batch is a compiled graph (see compiled_steps; a ragged batch
-    runs eagerly). The model runs as in eval mode."""
+    in nanoGPT, and all of it but the last token runs every loop. ragged: with the cache,
+    adaptive exit runs the deeper loops on the rows still running only (None: where it pays,
+    see use_ragged). compile: each loop of a one-token step of the whole batch is a compiled
+    graph (see compiled_steps; a ragged batch runs eagerly). The model runs as in eval mode."""
     with torch.inference_mode():  # lighter than no_grad: no version counters, no view tracking
         out, loops = _generate(model, idx, max_new_tokens, temperature, top_k, n_loops,
                                exit_policy, exit_threshold, use_cache, ragged, compile, exit_at)
@@ -305,6 +306,7 @@ def _generate(model, idx, max_new_tokens, temperature, top_k, n_loops, policy, t
     B, P = idx.shape
     if ragged is None:
         ragged = use_ragged(idx.device, B) and not compile
+    ragged = ragged and use_cache  # the rows that leave keep their keys in the cache
     steps = compiled_steps(COMPILE_BACKEND) if compile else (fixed_loop, exit_loop)
     out = torch.empty(B, P + max_new_tokens, dtype=idx.dtype, device=idx.device)
     out[:, :P] = idx
@@ -329,7 +331,7 @@ def _generate(model, idx, max_new_tokens, temperature, top_k, n_loops, policy, t
                                  ragged and one, steps if one else (fixed_loop, exit_loop), tested,
                                  earlier)
         if prompt_exits is None and cache is not None and policy is not None:
-            prompt_exits = (t - x.size(1), [row[:-1] for row in cache.exit_at] if not one
+            prompt_exits = (t - x.size(1), [row[:-1] for row in cache.exit_of] if not one
                             else [[]] * B)
         n_cached = pos0 + x.size(1)
         out[:, t:t + 1] = sample_next(logits, temperature, top_k)
@@ -411,15 +413,16 @@ def fill_step(model, h, K, cache, policy, threshold, tested, earlier):
     positions some row still runs, each query seeing every position's loop-k keys; a position
     past its exit loop (in every row, or in some rows only) takes loop k - 1's keys and values,
     which are its exit loop's. Returns the last position's logits and exit loops, and leaves
-    every position's exit loop in cache.exit_at ([B][T] lists)."""
+    every position's exit loop in cache.exit_of ([B][T] lists)."""
     B, T = h.shape[:2]
     n = len(earlier[0])
-    exit_at = [list(row) + [K] * (T - n) for row in earlier]  # K also: not decided yet
+    # each position's exit loop per row; K also stands for "not decided yet" at j >= n
+    exit_of = [list(row) + [K] * (T - n) for row in earlier]
     chosen = None
     held = list(range(T))  # the positions h holds
     for k in range(1, K + 1):
         # a position runs while some row has not exited there (an undecided one holds K)
-        running = [j for j in range(T) if max(row[j] for row in exit_at) >= k]
+        running = [j for j in range(T) if max(row[j] for row in exit_of) >= k]
         if len(running) < T:  # the others keep their exit loop's entries at this loop too
             cache.keep_above(k, sorted(set(range(T)) - set(running)))
         if not running:
@@ -430,7 +433,7 @@ def fill_step(model, h, K, cache, policy, threshold, tested, earlier):
             h = h.index_select(1, torch.tensor([where[j] for j in running], device=h.device))
             held = running
             cache.only(torch.tensor(running, device=h.device))
-        past = [[row[j] < k for j in running] for row in exit_at]
+        past = [[row[j] < k for j in running] for row in exit_of]
         if any(map(any, past)):  # rows past their exit at running positions
             cache.frozen = torch.tensor(past, dtype=torch.bool, device=h.device)
             cache.frozen = cache.frozen.view(B, len(running))
@@ -443,26 +446,28 @@ def fill_step(model, h, K, cache, policy, threshold, tested, earlier):
             passed, logits = fill_tests(model, h[:, -len(live):], k, policy, threshold)
         elif live[-1] == T - 1:  # every row still running exits at the last loop
             passed, logits = None, model.readout(h[:, -1], k)
-        else:
+        else:  # loop K, and the last position exited in every row before: nothing to decide
             break
         if live[-1] == T - 1:  # the last position's logits: of each row's exit loop
-            earlier_exits = [row[T - 1] < k for row in exit_at]
-            if chosen is None or not any(earlier_exits):
+            done_before = [row[T - 1] < k for row in exit_of]
+            if chosen is None or not any(done_before):
                 chosen = logits
             else:
-                kept = torch.tensor(earlier_exits, device=h.device)
+                kept = torch.tensor(done_before, device=h.device)
                 chosen = torch.where(kept[:, None], chosen, logits)
         if passed is None:
             break
-        for row, row_passed in zip(exit_at, exit_decisions(passed)):
+        for row, row_passed in zip(exit_of, exit_decisions(passed)):
             for j, p in zip(live, row_passed):
                 if p and row[j] == K:
                     row[j] = k
-    cache.exit_at = exit_at
-    return chosen, torch.tensor([row[T - 1] for row in exit_at], device=h.device)
+    cache.exit_of = exit_of
+    return chosen, torch.tensor([row[T - 1] for row in exit_of], device=h.device)
 
 
-READOUT_FLOATS = 2 ** 22  # a fill's exit tests hold at most this many logits at once (16 MB)
+# a fill's exit tests read out slices of positions of at most this many logits (16 MB in
+# float32), or of one position where the batch's logits at one position are more
+READOUT_FLOATS = 2 ** 22
 
 
 def fill_tests(model, h, k, policy, threshold):
@@ -546,8 +551,8 @@ def ragged_exit_step(model, h, K, cache, policy, threshold, tested):
 
 
 def exit_decisions(passed):
-    """Each running row's exit decision as a list: the one read back per loop of a ragged
-    batch."""
+    """The exit decisions as lists: a ragged batch's running rows [B'] and a fill's positions
+    still undecided [B][m], read back once per tested loop."""
     return passed.tolist()
 
 

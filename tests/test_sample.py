@@ -21,6 +21,20 @@ def tiny(**kw):
 
 
 @pytest.fixture
+def empty_is_nan():
+    """torch.empty gives NaN (as under deterministic algorithms): a cache entry read before
+    anything was written there shows in the logits."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+@pytest.fixture
 def one_thread():
     """Tiny tensors, thousands of ops: one thread is faster, and is not slowed 10-100x when other
     processes hold the cores (a team of OpenMP threads waits for its slowest one at every op)."""
@@ -247,7 +261,7 @@ def test_kv_cache_fixed_depth_matches_recompute_at_the_logits(use_cache, n_loops
     assert torch.equal(loops, want_loops)
 
 
-@pytest.mark.usefixtures("one_thread")
+@pytest.mark.usefixtures("one_thread", "empty_is_nan")
 @pytest.mark.parametrize("model_kw", [{}, {"loop_norm": True, "bias": True}],
                          ids=["plain", "loop_norm_bias"])
 @pytest.mark.parametrize("use_cache,ragged", [(True, True), (True, False), (False, False)],
@@ -271,7 +285,7 @@ def test_kv_cache_adaptive_exit_matches_recompute_at_the_logits(use_cache, ragge
     assert torch.equal(loops, want_loops)
 
 
-@pytest.mark.usefixtures("one_thread")
+@pytest.mark.usefixtures("one_thread", "empty_is_nan")
 @pytest.mark.parametrize("use_cache,ragged", [(True, True), (True, False), (False, False)],
                          ids=["ragged", "dense", "no_cache"])
 def test_exit_tests_at_some_loops_only_match_recompute(use_cache, ragged, monkeypatch):
@@ -292,7 +306,7 @@ def test_exit_tests_at_some_loops_only_match_recompute(use_cache, ragged, monkey
     assert torch.equal(loops, want_loops)
 
 
-@pytest.mark.usefixtures("one_thread")
+@pytest.mark.usefixtures("one_thread", "empty_is_nan")
 @pytest.mark.parametrize("ragged", [True, False], ids=["ragged", "dense"])
 def test_refill_runs_each_token_its_own_loops(ragged, monkeypatch):
     """A refill of the cache runs each of its tokens through the loops it ran in its own step
@@ -312,6 +326,14 @@ def test_refill_runs_each_token_its_own_loops(ragged, monkeypatch):
         return real_step(model, x, *args, **kw)
     monkeypatch.setattr(model, "loop", loop)
     monkeypatch.setattr(sample, "exit_step", step)
+    real_settle = sample.KVCache.settle
+
+    def settle(cache, k):  # each position noted once since the loop last ran, in the window,
+        noted = [p for p, _ in cache.pending[k]]  # and copied once
+        assert len(set(noted)) == len(noted) and all(p < cache.end for p in noted)
+        real_settle(cache, k)
+        assert not cache.pending[k]
+    monkeypatch.setattr(sample.KVCache, "settle", settle)
     prompt = torch.randint(37, (1, 5), generator=torch.Generator().manual_seed(2))
     out, loops, logits = generated(model, prompt, 40, monkeypatch, exit_policy="max_prob",
                                    exit_threshold=0.35, use_cache=True, ragged=ragged)
@@ -334,13 +356,15 @@ def test_refill_runs_each_token_its_own_loops(ragged, monkeypatch):
     assert min(lasts) < 4 and max(lasts) == 4  # a last token that exits early, and one not
 
 
-@pytest.mark.usefixtures("one_thread")
-def test_prompt_runs_each_token_its_own_loops(monkeypatch):
+@pytest.mark.usefixtures("one_thread", "empty_is_nan")
+@pytest.mark.parametrize("positions", [2, 0], ids=["slices_of_2", "slices_of_1"])
+def test_prompt_runs_each_token_its_own_loops(positions, monkeypatch):
     """A prompt longer than the cache: its last block_size tokens fill it, each running the
-    loops it would run fed alone, one token a step (its own readout's exit test; the readout in
-    slices of 3 positions here), and a refill's window holds prompt tokens that keep those exit
-    loops. The same logits and exit loops as the recompute, and the fill runs exactly the sum of
-    its positions' exit loops."""
+    loops it would run fed alone, one token a step (its own readout's exit test, read out in
+    slices of 2 positions of the 3 rows, or of 1 where even one position's logits are more than
+    the limit), and a refill's window holds prompt tokens that keep those exit loops. The same
+    logits and exit loops as the recompute, and the fill runs exactly the sum of its positions'
+    exit loops."""
     model = lively()
     runs = []  # positions of every loop run, per step
     real_loop, real_step = model.loop, sample.exit_step
@@ -354,8 +378,8 @@ def test_prompt_runs_each_token_its_own_loops(monkeypatch):
         return real_step(model, x, *args, **kw)
     monkeypatch.setattr(model, "loop", loop)
     monkeypatch.setattr(sample, "exit_step", step)
-    monkeypatch.setattr(sample, "READOUT_FLOATS", 3 * 2 * 37)  # 3 positions of 2 rows
-    prompt = torch.randint(37, (2, 20), generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(sample, "READOUT_FLOATS", positions * 3 * 37 or 37)
+    prompt = torch.randint(37, (3, 20), generator=torch.Generator().manual_seed(3))
     out, loops, logits = generated(model, prompt, 12, monkeypatch, exit_policy="max_prob",
                                    exit_threshold=0.35, use_cache=True)
     with torch.no_grad():
@@ -370,6 +394,22 @@ def test_prompt_runs_each_token_its_own_loops(monkeypatch):
     # the next step refills the cache from positions 13..20: six prompt tokens that keep their
     # exit loops, the prompt's last (the first step's exit) and the new token
     assert sum(runs[1]) == first[:, 9:].amax(0).sum() + loops[:, :2].amax(0).sum() < 8 * 4
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("ragged", [None, True])
+def test_one_token_prompt_without_a_cache(ragged, monkeypatch):
+    """Adaptive exit with no cache from a one-token prompt (sample.py's default start): the
+    first step is one token with nothing cached, which a ragged batch (the CPU's default) must
+    not take for a cached step."""
+    model = lively()
+    prompt = torch.randint(37, (2, 1), generator=torch.Generator().manual_seed(4))
+    out, loops, logits = generated(model, prompt, 6, monkeypatch, exit_policy="max_prob",
+                                   exit_threshold=0.35, use_cache=False, ragged=ragged)
+    with torch.no_grad():
+        want, want_loops = recomputed(model, out, 1, 4, "max_prob", 0.35, False)
+    assert torch.allclose(logits, want, rtol=0, atol=1e-10)
+    assert torch.equal(loops, want_loops)
 
 
 def test_no_exit_test_is_fixed_depth(monkeypatch):
@@ -392,7 +432,7 @@ INDUCTOR = pytest.mark.skipif(not os.environ.get("NANOLOOP_INDUCTOR_TEST"),
                               reason="NANOLOOP_INDUCTOR_TEST=1 builds the C++ graphs (40 s)")
 
 
-@pytest.mark.usefixtures("one_thread")
+@pytest.mark.usefixtures("one_thread", "empty_is_nan")
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=INDUCTOR)])
 @pytest.mark.parametrize("policy", [None, "max_prob"], ids=["fixed", "adaptive"])
 def test_compiled_generation_matches_recompute_at_the_logits(policy, backend, monkeypatch):
