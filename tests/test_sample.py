@@ -232,6 +232,15 @@ def recomputed(model, out, P, K, policy, threshold, use_cache, tested=None):
     return torch.stack(logits, 1), torch.stack(loops, 1)
 
 
+def assert_recomputed(model, out, loops, logits, P, K, policy, threshold, use_cache,
+                      tested=None):
+    """generate's logits and exit loops are the recompute's (float64: to 1e-10)."""
+    with torch.no_grad():
+        want, want_loops = recomputed(model, out, P, K, policy, threshold, use_cache, tested)
+    assert torch.allclose(logits, want, rtol=0, atol=1e-10)
+    assert torch.equal(loops, want_loops)
+
+
 def generated(model, prompt, n, monkeypatch, **kw):
     """generate's tokens, exit loops and the logits it sampled each token from."""
     seen = []
@@ -254,11 +263,8 @@ def test_kv_cache_fixed_depth_matches_recompute_at_the_logits(use_cache, n_loops
     prompt = torch.randint(37, (3, 5), generator=torch.Generator().manual_seed(1))
     out, loops, logits = generated(model, prompt, 30, monkeypatch, n_loops=n_loops,
                                    use_cache=use_cache)  # 35 > 16 = block_size: two refills
-    with torch.no_grad():
-        want, want_loops = recomputed(model, out, 5, n_loops, None, None, use_cache)
     assert logits.std() > 1.0  # the logits differ by token and position
-    assert torch.allclose(logits, want, rtol=0, atol=1e-10)
-    assert torch.equal(loops, want_loops)
+    assert_recomputed(model, out, loops, logits, 5, n_loops, None, None, use_cache)
 
 
 @pytest.mark.usefixtures("one_thread", "empty_is_nan")
@@ -337,10 +343,7 @@ def test_refill_runs_each_token_its_own_loops(ragged, monkeypatch):
     prompt = torch.randint(37, (1, 5), generator=torch.Generator().manual_seed(2))
     out, loops, logits = generated(model, prompt, 40, monkeypatch, exit_policy="max_prob",
                                    exit_threshold=0.35, use_cache=True, ragged=ragged)
-    with torch.no_grad():
-        want, want_loops = recomputed(model, out, 5, 4, "max_prob", 0.35, True)
-    assert torch.allclose(logits, want, rtol=0, atol=1e-10)
-    assert torch.equal(loops, want_loops)
+    assert_recomputed(model, out, loops, logits, 5, 4, "max_prob", 0.35, True)
     refills = [i for i, (fill, _) in enumerate(runs) if fill and i > 0]
     assert refills == [12, 21, 30, 39]  # 45 tokens, 16 positions: refills of 8 every 9 steps
     with torch.no_grad():  # the prompt's first 4 tokens, as if fed one a step
@@ -382,11 +385,9 @@ def test_prompt_runs_each_token_its_own_loops(positions, monkeypatch):
     prompt = torch.randint(37, (3, 20), generator=torch.Generator().manual_seed(3))
     out, loops, logits = generated(model, prompt, 12, monkeypatch, exit_policy="max_prob",
                                    exit_threshold=0.35, use_cache=True)
+    assert_recomputed(model, out, loops, logits, 20, 4, "max_prob", 0.35, True)
     with torch.no_grad():
-        want, want_loops = recomputed(model, out, 20, 4, "max_prob", 0.35, True)
         first = prompt_exits(model, prompt[:, 4:], 4, "max_prob", 0.35, first=4)
-    assert torch.allclose(logits, want, rtol=0, atol=1e-10)
-    assert torch.equal(loops, want_loops)
     first = torch.stack(list(first.values()), 1)  # positions 4..18
     assert 1 in first and 4 in first  # prompt tokens that exit early, and some that run all
     # the fill runs each position while some row has not exited there
@@ -406,10 +407,7 @@ def test_one_token_prompt_without_a_cache(ragged, monkeypatch):
     prompt = torch.randint(37, (2, 1), generator=torch.Generator().manual_seed(4))
     out, loops, logits = generated(model, prompt, 6, monkeypatch, exit_policy="max_prob",
                                    exit_threshold=0.35, use_cache=False, ragged=ragged)
-    with torch.no_grad():
-        want, want_loops = recomputed(model, out, 1, 4, "max_prob", 0.35, False)
-    assert torch.allclose(logits, want, rtol=0, atol=1e-10)
-    assert torch.equal(loops, want_loops)
+    assert_recomputed(model, out, loops, logits, 1, 4, "max_prob", 0.35, False)
 
 
 def test_no_exit_test_is_fixed_depth(monkeypatch):
@@ -447,10 +445,7 @@ def test_compiled_generation_matches_recompute_at_the_logits(policy, backend, mo
     prompt = torch.randint(37, (3, 5), generator=torch.Generator().manual_seed(1))
     kw = {"exit_policy": policy, "exit_threshold": 0.25} if policy else {}
     out, loops, logits = generated(model, prompt, 20, monkeypatch, compile=True, **kw)
-    with torch.no_grad():
-        want, want_loops = recomputed(model, out, 5, 2, policy, 0.25, True)
-    assert torch.allclose(logits, want, rtol=0, atol=1e-10)
-    assert torch.equal(loops, want_loops)
+    assert_recomputed(model, out, loops, logits, 5, 2, policy, 0.25, True)
     if policy:
         assert (loops.amax(dim=0) == 1).sum() >= 3  # whole steps skipped loop 2
         assert (loops[:, loops.amax(dim=0) == 2] == 1).sum() >= 3  # rows kept loop 1's K/V
